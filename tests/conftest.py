@@ -1,0 +1,40 @@
+"""Test setup: 8 fake CPU devices (set before JAX starts), quiet TensorFlow, shared fixtures."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """scikit-image's public-domain astronaut photo (512x512 RGB, one face)."""
+    import skimage.data
+
+    return skimage.data.astronaut()
+
+
+@pytest.fixture(scope="session")
+def detector():
+    from input_pipeline.face_detection import FaceDetector
+
+    return FaceDetector("short")
+
+
+def moving_photo_frames(image: np.ndarray, num_frames: int, size: int = 384, step: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """A 'video' made by sliding a ``size`` window over a photo: frames and the window offsets (x, y)."""
+    frames, offsets = [], []
+    for t in range(num_frames):
+        x, y = 40 + step * t, 40 + (step // 2) * t
+        frames.append(image[y:y + size, x:x + size])
+        offsets.append((x, y))
+    return np.stack(frames), np.array(offsets, np.float32)
