@@ -21,10 +21,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.variant = variant
     c.seed = 0
 
-    resolution, scale = {"official": (512, 2.0), "middle": (512, 1.0), "base": (512, 0.5),
-                         "base256": (256, 0.5), "tiny": (64, 0.0625)}[variant]
-    c.model = ml_collections.ConfigDict(dict(resolution=resolution, scale=scale, motion_dim=40,
-                                             dtype="float32"))
+    resolution, scale, groups = {"official": (512, 2.0, 32), "middle": (512, 1.0, 32), "base": (512, 0.5, 32),
+                                 "base256": (256, 0.5, 32), "tiny": (64, 0.125, 4)}[variant]
+    # liax_jax.model.LiaXConfig fields; dtype is the compute dtype (float32, bfloat16 or float64).
+    c.model = ml_collections.ConfigDict(dict(resolution=resolution, scale=scale, motion_dim=40, style_dim=512,
+                                             norm_groups=groups, dtype="float32"))
 
     # Data: empty path = built-in synthetic talking heads rendered on the fly.
     c.data = ml_collections.ConfigDict(dict(
