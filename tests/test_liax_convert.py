@@ -97,3 +97,31 @@ def test_reduced_precision_paths_run(tiny_state, dtype):
     assert out.shape == (3, 64, 64, 3) and out.dtype == jnp.dtype(dtype)
     assert bool(jnp.isfinite(out.astype(jnp.float32)).all())
     assert jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype == jnp.float32  # params stay fp32
+
+
+def test_convert_cli_round_trip(tmp_path, tiny_state):
+    import subprocess
+    import sys
+
+    pt = tmp_path / "tiny.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in tiny_state.items()}, pt)
+    cli = [sys.executable, os.path.join(ROOT, "launch", "convert.py"), "liax"]
+    arch = ["--resolution=64", "--scale=0.125", "--norm-groups=4"]
+    r = subprocess.run(cli + [f"--torch-checkpoint={pt}", f"--output={tmp_path}/ckpt", *arch],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    info = __import__("json").loads((tmp_path / "ckpt" / "model.json").read_text())
+    assert info["model"] == "liax" and info["config"]["resolution"] == 64
+    r = subprocess.run(cli + ["--to-torch", f"--checkpoint={tmp_path}/ckpt", f"--output={tmp_path}/back.pt"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    back = torch.load(tmp_path / "back.pt")
+    assert back.keys() == tiny_state.keys()
+    for k, v in tiny_state.items():
+        np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+    # the wrong architecture is one clear line naming the file and the first missing key
+    r = subprocess.run(cli + [f"--torch-checkpoint={pt}", f"--output={tmp_path}/other"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {pt}: missing key 'enc.enc_2r.block5.0.conv1.0.weight'")
+    assert not (tmp_path / "other").exists()

@@ -101,3 +101,24 @@ def test_round_trip_to_official_is_exact():
     for k in sd:
         assert back[k].shape == sd[k].shape, k
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+def test_manipulate_matches_reference():
+    from liax_torch_reference import interpolate_img, manipulation_schedule
+
+    values = [0, 0, 0, 0, 0, 0, 0, -0.3, 0, 0, 0, 0.2, 0, 0]  # a mouth control: second half goes 0 -> v -> 0
+    np.testing.assert_array_equal(inference.manipulation_schedule(values), manipulation_schedule(values))
+    np.testing.assert_array_equal(inference.manipulation_schedule(values[:7] + [0] * 7),
+                                  manipulation_schedule(values[:7] + [0] * 7))
+    ids = list(range(14))  # M = 16 on this small model
+    ref = Generator(size=64, scale=0.0625, norm_groups=4, motion_dim=16)
+    randomize_(ref, 5)
+    ref = ref.double().eval()
+    model = convert.load_official(ref.state_dict(), LiaXConfig(64, 0.0625, motion_dim=16, norm_groups=4,
+                                                               dtype="float64"))
+    src, _, src_t, _ = inputs(64, 1)
+    with torch.no_grad():
+        expected = interpolate_img(ref, src_t, ids, values, chunk_size=16)
+    video = inference.manipulate(model, src, ids, values, chunk_size=16)
+    assert video.shape == (64, 64, 64, 3)
+    assert rel_err(video, expected["video"]) <= TOL

@@ -1,0 +1,100 @@
+r"""Converts official PyTorch checkpoints to portrait-jax params checkpoints (Orbax) and back.
+
+    python launch/convert.py liax --torch-checkpoint=lia-x.pt --output=checkpoints/liax-official
+    python launch/convert.py liax --to-torch --checkpoint=checkpoints/liax-official --output=lia-x.pt
+
+``liax`` options: ``--scale`` (2 for the release), ``--motion-dim`` (40), ``--resolution`` (512),
+``--norm-groups`` (32).
+The output folder holds ``model.json`` (architecture config + metadata, including the names of the
+official checkpoint's motion directions) and ``params/`` (Orbax).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The 14 named directions of the official LIA-X checkpoint (liax_official.md §4.1): name -> dictionary id.
+OFFICIAL_LIAX_DIRECTIONS = {"yaw1": 37, "yaw2": 39, "pitch": 28, "roll1": 15, "roll2": 33, "neck": 31, "pout": 6,
+                            "mouth": 25, "o_mouth": 16, "smile": 19, "eyes": 13, "brows": 24, "gaze1": 17,
+                            "gaze2": 26}
+
+
+def convert_liax(args) -> None:
+    import dataclasses  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from input_pipeline.errors import UserError  # noqa: PLC0415
+    from launch import checkpointing  # noqa: PLC0415
+    from liax_jax import convert  # noqa: PLC0415
+    from liax_jax.model import LiaX, LiaXConfig  # noqa: PLC0415
+
+    if args.to_torch:
+        if not args.checkpoint:
+            raise UserError("--to-torch needs --checkpoint=DIR (a params checkpoint)")
+        info = checkpointing.read_model_info(args.checkpoint)
+        if info.get("model") != "liax":
+            raise UserError(f"holds a {info.get('model')!r} checkpoint, not liax", args.checkpoint)
+        config = LiaXConfig.from_config(info["config"])
+        abstract = nnx.eval_shape(lambda: LiaX(config, rngs=nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract)
+        _, params = checkpointing.load_params(args.checkpoint, nnx.to_pure_dict(abstract_state))
+        nnx.replace_by_pure_dict(abstract_state, params)
+        model = nnx.merge(graphdef, abstract_state)
+        import torch  # noqa: PLC0415
+        state = {k: torch.from_numpy(np.array(v)) for k, v in convert.to_official(model).items()}
+        tmp = args.output + ".partial"
+        torch.save(state, tmp)
+        os.replace(tmp, args.output)
+        print(f"wrote {len(state)} tensors to {args.output}")
+        return
+    if not args.torch_checkpoint:
+        raise UserError("give --torch-checkpoint=FILE (or --to-torch --checkpoint=DIR)")
+    try:
+        config = LiaXConfig(resolution=args.resolution, scale=args.scale, motion_dim=args.motion_dim,
+                            norm_groups=args.norm_groups)
+    except ValueError as e:
+        raise UserError(f"bad LIA-X architecture flags: {e}") from e
+    try:
+        model = convert.load_official(args.torch_checkpoint, config)
+    except convert.ConversionError as e:
+        raise UserError(str(e), args.torch_checkpoint) from e
+    _, state = nnx.split(model)
+    official = (args.resolution, args.scale, args.motion_dim, args.norm_groups) == (512, 2.0, 40, 32)
+    metadata = {"source": os.path.abspath(args.torch_checkpoint),
+                "directions": OFFICIAL_LIAX_DIRECTIONS if official else {}}
+    checkpointing.save_params(args.output, "liax", dataclasses.asdict(config), nnx.to_pure_dict(state), metadata)
+    print(f"wrote LIA-X params ({args.torch_checkpoint}) to {args.output}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="model", required=True)
+    p = sub.add_parser("liax", help="LIA-X (lia-x.pt)")
+    p.add_argument("--torch-checkpoint", help="official state dict (.pt/.pth/.safetensors)")
+    p.add_argument("--output", required=True, help="output folder (or .pt file with --to-torch)")
+    p.add_argument("--to-torch", action="store_true", help="write a params checkpoint back as a torch state dict")
+    p.add_argument("--checkpoint", help="params checkpoint folder to read with --to-torch")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--scale", type=float, default=2.0)
+    p.add_argument("--motion-dim", type=int, default=40)
+    p.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups (32 in the release)")
+    args = parser.parse_args(argv)
+
+    from input_pipeline.errors import UserError  # noqa: PLC0415
+    try:
+        {"liax": convert_liax}[args.model](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
