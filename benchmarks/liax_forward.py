@@ -31,12 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(variant: str, dtype: str) -> LiaXConfig:
-    import importlib.util
+    from configs import liax as liax_configs  # noqa: PLC0415
 
-    spec = importlib.util.spec_from_file_location("liax_config", os.path.join(ROOT, "configs", "liax.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model_cfg = dict(module.get_config(variant).model)
+    model_cfg = dict(liax_configs.get_config(variant).model)
     model_cfg["dtype"] = dtype
     return LiaXConfig.from_config(model_cfg)
 

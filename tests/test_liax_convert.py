@@ -14,12 +14,9 @@ from liax_torch_reference import Generator, randomize_
 
 
 def _config(variant):
-    import importlib.util
+    from configs import liax as liax_configs
 
-    spec = importlib.util.spec_from_file_location("liax_config", os.path.join(ROOT, "configs", "liax.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return LiaXConfig.from_config(module.get_config(variant).model)
+    return LiaXConfig.from_config(liax_configs.get_config(variant).model)
 
 
 @pytest.mark.parametrize("variant,expected", [("official", 910_571_751), ("middle", 227_728_551)])
