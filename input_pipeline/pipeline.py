@@ -119,10 +119,6 @@ def take_frames(clip, indices) -> tuple[np.ndarray, np.ndarray, dict[str, np.nda
     return clip.decode_frames(indices), clip.boxes[indices], extra
 
 
-def num_frames_of(clip) -> int:
-    return clip.num_frames
-
-
 def open_source(path: str | None, split: str = "train", *, synthetic_clips: int = 256,
                 synthetic_frames: int = 32, synthetic_size: int = 256, seed: int = 0):
     """Opens a clip source: a prepared ArrayRecord dir, a TFDS data dir, or (empty path) synthetic data.
@@ -175,7 +171,7 @@ class MakePair:
 
     def __call__(self, item, rng: np.random.Generator):
         clip_index, clip = item
-        n = num_frames_of(clip)
+        n = clip.num_frames
         if n < 2:
             raise UserError(f"clip {clip_index} has {n} frame(s); pairs need at least 2")
         i = int(rng.integers(n))
@@ -210,7 +206,7 @@ class MakeClip:
 
     def __call__(self, item, rng: np.random.Generator):
         clip_index, clip = item
-        n = num_frames_of(clip)
+        n = clip.num_frames
         span = (self.num_frames - 1) * self.stride + 1
         if n < span:
             raise UserError(f"clip {clip_index} has {n} frames; a window of {self.num_frames} frames with "

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
 from input_pipeline.errors import UserError
 
 MODEL_FILE = "model.json"
@@ -54,7 +52,3 @@ def load_params(directory: str, abstract_params: dict | None = None) -> tuple[di
         params = ckptr.restore(os.path.join(os.path.abspath(directory), "params"), abstract_params)
     return info, params
 
-
-def to_numpy_tree(tree):
-    import jax  # noqa: PLC0415
-    return jax.tree.map(np.asarray, tree)

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from liax_jax.ops import (SQRT2, ConvLayer, EqualConv2d, EqualLinear, StyledConv, _Base, fused_leaky_relu,
-                          grid_sample_align_corners, group_norm, upsample2x, ModulatedConv2d, fir_kernel)
+from liax_jax.ops import (SQRT2, ConvLayer, EqualConv2d, EqualLinear, ModulatedConv2d, StyledConv, _Base, fir_kernel,
+                          grid_sample_align_corners, group_norm, upsample2x)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64, "float16": jnp.float16}
 
@@ -199,8 +199,7 @@ class ToFlow(_Base):
         o = self.conv(h, latent) + self.bias[...].astype(h.dtype)
         if skip is not None:
             o = o + upsample2x(skip)
-        b, r = o.shape[0], o.shape[1]
-        lin = jnp.asarray(torch_linspace_float32(r), o.dtype)
+        lin = jnp.asarray(torch_linspace_float32(o.shape[1]), o.dtype)
         gx, gy = jnp.meshgrid(lin, lin, indexing="xy")
         grid = jnp.tanh(o[..., 0:2]) + jnp.stack([gx, gy], -1)[None]
         mask = jax.nn.sigmoid(o[..., 2:3])

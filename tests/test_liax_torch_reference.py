@@ -449,7 +449,6 @@ def test_toflow_zero_logits_is_identity_warp(res, tol):
 
 def test_toflow_shift_warp():
     """An x-offset of exactly one pixel (tanh(o) = 2/(R-1)) samples the right-hand neighbour."""
-    res = 5
     torch.manual_seed(0)
     head = ToFlow(1, 2).double()
     with torch.no_grad():
