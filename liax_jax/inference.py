@@ -32,7 +32,12 @@ MANIPULATION_STEPS = 16
 def _encode(graphdef, state, x):
     model = nnx.merge(graphdef, state)
     z, feats = model.encode(x)
-    return z, feats, model.motion_coefficients(z), model.directions()
+    return z, feats, model.motion_coefficients(z)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _directions(graphdef, state):
+    return nnx.merge(graphdef, state).directions()
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -41,12 +46,16 @@ def _decode(graphdef, state, latent, feats, intermediates):
 
 
 class Runner:
-    """Jitted encode/decode over a split model (build once, reuse for many calls)."""
+    """Jitted encode/decode over a split model (build once, reuse for many calls).
+
+    The motion dictionary Q (a QR decomposition) is computed once here, not per encoded chunk.
+    """
 
     def __init__(self, model: LiaX):
         self.model = model
         self.graphdef, self.state = nnx.split(model)
         self.dtype = model.config.compute_dtype
+        self.directions = _directions(self.graphdef, self.state)
 
     def encode(self, x):
         return _encode(self.graphdef, self.state, jnp.asarray(x, self.dtype))
@@ -80,7 +89,8 @@ def _direction(alpha, q):
 def edit_image(model, source, motion_ids=(), motion_values=(), *, return_intermediates: bool = False):
     """Edits source images (B, R, R, 3) by moving their motion coefficients; returns (B, R, R, 3)."""
     run = _as_runner(model)
-    z, feats, alpha, q = run.encode(source)
+    z, feats, alpha = run.encode(source)
+    q = run.directions
     delta = make_delta(motion_ids, motion_values, alpha.shape[-1], alpha.dtype, float32_rounded=True)
     latent = z + _direction(alpha + delta, q)
     out = run.decode(latent, feats, return_intermediates)
@@ -92,7 +102,7 @@ def edit_image(model, source, motion_ids=(), motion_values=(), *, return_interme
 
 def _latent_chunks(run, z_s, alpha_s_edit, alpha_start, q, frames, chunk_size):
     for start in range(0, len(frames), chunk_size):
-        z_t, _, alpha_t, _ = run.encode(frames[start:start + chunk_size])
+        _, _, alpha_t = run.encode(frames[start:start + chunk_size])
         yield z_s + (_direction(alpha_t, q) - _direction(alpha_start, q)) + _direction(alpha_s_edit, q), alpha_t
 
 
@@ -109,8 +119,9 @@ def animate(model, source, driving, motion_ids=(), motion_values=(), chunk_size:
         source = source[None]
     if source.shape[0] != 1:
         raise ValueError(f"animate takes one source image, got a batch of {source.shape[0]}")
-    z_s, feats, alpha_s, q = run.encode(source)
-    _, _, alpha_start, _ = run.encode(jnp.asarray(driving[0:1]))
+    z_s, feats, alpha_s = run.encode(source)
+    q = run.directions
+    _, _, alpha_start = run.encode(jnp.asarray(driving[0:1]))
     delta = make_delta(motion_ids, motion_values, alpha_s.shape[-1], alpha_s.dtype, float32_rounded=False)
     alpha_s_edit = alpha_s + delta
     frames, inters, alphas = [], [], []
@@ -155,7 +166,8 @@ def manipulation_schedule(motion_values: Sequence[float], steps: int = MANIPULAT
 def manipulate(model, source, motion_ids, motion_values, chunk_size: int = 8):
     """The official ``manipulation`` mode: 64 frames of one source image sweeping the given edits."""
     run = _as_runner(model)
-    z, feats, alpha, q = run.encode(source)
+    z, feats, alpha = run.encode(source)
+    q = run.directions
     schedule = manipulation_schedule(motion_values)
     deltas = jnp.concatenate([make_delta(motion_ids, v, alpha.shape[-1], alpha.dtype, True) for v in schedule])
     frames = []
