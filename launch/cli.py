@@ -8,6 +8,20 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
 
 
+def quiet_library_logs() -> None:
+    """Drops INFO lines of Orbax/Grain/absl-internals from the log (warnings and errors still show)."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record):
+            return record.levelno >= logging.WARNING or not any(
+                part in record.pathname for part in ("/orbax/", "/grain/", "/etils/"))
+
+    absl_logging.get_absl_handler().addFilter(_Filter())
+
+
 def run(main) -> None:
     """``absl.app.run(main)``, with :class:`UserError` printed as one ``error:`` line and exit status 2."""
     from absl import app

@@ -2,11 +2,16 @@ r"""Converts official PyTorch checkpoints to portrait-jax params checkpoints (Or
 
     python launch/convert.py liax --torch-checkpoint=lia-x.pt --output=checkpoints/liax-official
     python launch/convert.py liax --to-torch --checkpoint=checkpoints/liax-official --output=lia-x.pt
+    python launch/convert.py vgg19 --torch-checkpoint=vgg19-dcbb9e9d.pth --output=checkpoints/vgg19
 
 ``liax`` options: ``--scale`` (2 for the release), ``--motion-dim`` (40), ``--resolution`` (512),
 ``--norm-groups`` (32).
 The output folder holds ``model.json`` (architecture config + metadata, including the names of the
 official checkpoint's motion directions) and ``params/`` (Orbax).
+
+``vgg19`` converts torchvision's ImageNet VGG19 (the perceptual-loss network, :mod:`liax_jax.vgg`); only
+the convolutions up to relu5_1 are kept, the others and the classifier are listed in the metadata as
+``ignored_keys``.
 """
 
 from __future__ import annotations
@@ -73,6 +78,24 @@ def convert_liax(args) -> None:
     print(f"wrote LIA-X params ({args.torch_checkpoint}) to {args.output}")
 
 
+def convert_vgg19(args) -> None:
+    from input_pipeline.errors import UserError  # noqa: PLC0415
+    from launch import checkpointing  # noqa: PLC0415
+    from liax_jax import convert, vgg  # noqa: PLC0415
+
+    try:
+        state = convert.read_state_dict(args.torch_checkpoint)
+    except convert.ConversionError as e:  # the message already names the file
+        raise UserError(str(e)) from e
+    try:
+        params = vgg.from_torchvision(state)
+    except convert.ConversionError as e:
+        raise UserError(str(e), args.torch_checkpoint) from e
+    metadata = {"source": os.path.basename(args.torch_checkpoint), "ignored_keys": vgg.ignored_keys(state)}
+    checkpointing.save_params(args.output, "vgg19", {"channel_scale": 1.0}, params, metadata)
+    print(f"wrote VGG19 params ({args.torch_checkpoint}) to {args.output}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="model", required=True)
@@ -85,11 +108,14 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=2.0)
     p.add_argument("--motion-dim", type=int, default=40)
     p.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups (32 in the release)")
+    p = sub.add_parser("vgg19", help="torchvision ImageNet VGG19 for the perceptual loss (vgg19-dcbb9e9d.pth)")
+    p.add_argument("--torch-checkpoint", required=True, help="torchvision vgg19 state dict (.pth/.safetensors)")
+    p.add_argument("--output", required=True, help="output folder")
     args = parser.parse_args(argv)
 
     from input_pipeline.errors import UserError  # noqa: PLC0415
     try:
-        {"liax": convert_liax}[args.model](args)
+        {"liax": convert_liax, "vgg19": convert_vgg19}[args.model](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,10 @@ from flax import nnx
 
 SQRT2 = math.sqrt(2.0)
 
+# Logical axis names of the weights (see launch/sharding.py and the config's ``sharding_rules``).
+CONV_AXES = (None, None, "conv_in", "conv_out")
+LINEAR_AXES = ("embed_in", "embed_out")
+
 
 def fir_kernel(gain: float = 1.0) -> np.ndarray:
     """The 4x4 FIR kernel ``outer([1,3,3,1],[1,3,3,1]) / 64 * gain`` (as stored in the official state dict)."""
@@ -37,15 +41,36 @@ def fir_kernel(gain: float = 1.0) -> np.ndarray:
     return (np.outer(k, k) / 64.0 * gain).astype(np.float32)
 
 
+def _separable(kernel: np.ndarray):
+    """``(u, v)`` with ``kernel == outer(u, v)`` when the kernel is rank one (every StyleGAN FIR kernel is)."""
+    k = np.asarray(kernel, np.float64)
+    u, v, total = k.sum(axis=1), k.sum(axis=0), k.sum()
+    if total != 0 and np.allclose(np.outer(u, v) / total, k, rtol=0, atol=1e-12 * np.abs(k).max()):
+        return u, v / total
+    return None
+
+
 def upfirdn2d(x: jax.Array, kernel: np.ndarray, up: int = 1, down: int = 1,
               pad: tuple[int, int] = (0, 0)) -> jax.Array:
-    """upfirdn2d on NHWC input, per channel (the official semantics, including trailing zeros)."""
+    """upfirdn2d on NHWC input, per channel (the official semantics, including trailing zeros).
+
+    Separable kernels are applied as two 1-D passes of shifted adds, which XLA fuses into a few
+    elementwise kernels (on CPU ~20x faster than a depthwise convolution, ~30x for its gradient);
+    other kernels use a depthwise convolution.
+    """
     c = x.shape[-1]
     zero = jnp.zeros((), x.dtype)
     if up > 1:
         x = jax.lax.pad(x, zero, [(0, 0, 0), (0, up - 1, up - 1), (0, up - 1, up - 1), (0, 0, 0)])
     p0, p1 = pad
     x = jax.lax.pad(x, zero, [(0, 0, 0), (p0, p1, 0), (p0, p1, 0), (0, 0, 0)])
+    factors = _separable(kernel)
+    if factors is not None:
+        u, v = factors[0][::-1], factors[1][::-1]  # true convolution
+        h, w = x.shape[1] - len(u) + 1, x.shape[2] - len(v) + 1
+        y = sum(x[:, i:i + h] * jnp.asarray(u[i], x.dtype) for i in range(len(u)))
+        y = sum(y[:, :, j:j + w] * jnp.asarray(v[j], x.dtype) for j in range(len(v)))
+        return y[:, ::down, ::down] if down > 1 else y
     k = np.asarray(kernel)[::-1, ::-1]  # true convolution
     w = jnp.asarray(np.tile(k[:, :, None, None], (1, 1, 1, c)), x.dtype)
     return jax.lax.conv_general_dilated(x, w, (down, down), "VALID", feature_group_count=c,
@@ -71,8 +96,16 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int = 1, padding: int | tuple = 0
 class _Base(nnx.Module):
     """Holds the compute dtype; params are created in ``param_dtype``."""
 
-    def _normal(self, rngs: nnx.Rngs, shape, param_dtype):
-        return nnx.Param(jax.random.normal(rngs.params(), shape, param_dtype))
+    def _normal(self, rngs: nnx.Rngs, shape, param_dtype, names=None):
+        """An N(0, 1) weight; ``names`` are its logical axes (mapped to mesh axes by launch/sharding.py).
+
+        ``eager_sharding=False``: the names are metadata only, so modules can be built outside a mesh
+        (tests, conversion, inference); the runtime shards the state explicitly.
+        """
+        value = jax.random.normal(rngs.params(), shape, param_dtype)
+        if names is None:
+            return nnx.Param(value)
+        return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
 class EqualConv2d(_Base):
@@ -80,7 +113,7 @@ class EqualConv2d(_Base):
 
     def __init__(self, cin: int, cout: int, k: int, *, stride: int = 1, padding: int = 0, bias: bool = True,
                  rngs: nnx.Rngs, param_dtype=jnp.float32):
-        self.weight = self._normal(rngs, (k, k, cin, cout), param_dtype)
+        self.weight = self._normal(rngs, (k, k, cin, cout), param_dtype, CONV_AXES)
         self.bias = nnx.Param(jnp.zeros((cout,), param_dtype)) if bias else None
         self.scale = 1.0 / math.sqrt(cin * k * k)
         self.stride, self.padding = stride, padding
@@ -96,15 +129,23 @@ class EqualConv2d(_Base):
 
 
 class EqualLinear(_Base):
-    """Linear with equalised learning rate; weight (in, out), runtime scale 1/sqrt(in)."""
+    """Linear with equalised learning rate; weight (in, out), runtime scale 1/sqrt(in).
 
-    def __init__(self, cin: int, cout: int, *, bias_init: float = 0.0, rngs: nnx.Rngs, param_dtype=jnp.float32):
-        self.weight = self._normal(rngs, (cin, cout), param_dtype)
+    ``activate=True`` is StyleGAN2's ``EqualLinear(activation="fused_lrelu")``: the bias is added inside
+    :func:`fused_leaky_relu` (``leaky_relu(x W + b, 0.2) * sqrt(2)``). The official keys are the same.
+    """
+
+    def __init__(self, cin: int, cout: int, *, bias_init: float = 0.0, activate: bool = False, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32):
+        self.weight = self._normal(rngs, (cin, cout), param_dtype, LINEAR_AXES)
         self.bias = nnx.Param(jnp.full((cout,), bias_init, param_dtype))
         self.scale = 1.0 / math.sqrt(cin)
+        self.activate = activate
 
     def __call__(self, x):
         y = x @ (self.weight[...] * self.scale).astype(x.dtype)
+        if self.activate:
+            return fused_leaky_relu(y, self.bias[...])
         return y + self.bias[...].astype(y.dtype)
 
     def official(self, prefix: str, out: dict) -> None:
@@ -164,7 +205,7 @@ class ModulatedConv2d(_Base):
 
     def __init__(self, cin: int, cout: int, k: int, style_dim: int, *, demodulate: bool = True,
                  upsample: bool = False, rngs: nnx.Rngs, param_dtype=jnp.float32):
-        self.weight = self._normal(rngs, (k, k, cin, cout), param_dtype)
+        self.weight = self._normal(rngs, (k, k, cin, cout), param_dtype, CONV_AXES)
         self.modulation = EqualLinear(style_dim, cin, bias_init=1.0, rngs=rngs, param_dtype=param_dtype)
         self.scale = 1.0 / math.sqrt(cin * k * k)
         self.k, self.demodulate, self.upsample = k, demodulate, upsample

@@ -35,6 +35,8 @@ Public API
 inference modes ``edit_img``, ``animate``, ``edit_vid``, ``interpolate_img``
 (+ ``manipulation_schedule``, ``make_delta``); ``randomize_(G, seed)``; ``count_parameters(G)``;
 low-level ops ``make_kernel``, ``upfirdn2d`` and every building block class.
+Also the StyleGAN2 ``Discriminator(size, channel_multiplier, scale, stddev_group, stddev_feat)`` of
+LIA's training recipe (§6), whose ``state_dict`` keys follow the original module paths.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "make_kernel", "upfirdn2d", "EqualConv2d", "EqualLinear", "FusedLeakyReLU", "Blur", "Upsample",
     "ConvLayer", "ModulatedConv2d", "StyledConv", "EncoderResBlock", "FlowResBlock", "RenderResBlock",
     "ToFlow", "ToRGB", "ConstantInput", "Direction", "Encoder2R", "Encoder", "Decoder", "Generator",
+    "discriminator_channels", "DiscriminatorResBlock", "Discriminator",
     "channel", "num_levels", "level_names", "make_delta", "manipulation_schedule", "edit_img", "animate",
     "edit_vid", "interpolate_img", "randomize_", "count_parameters", "MOTION_IDS",
 ]
@@ -170,15 +173,23 @@ class EqualConv2d(nn.Module):
 
 
 class EqualLinear(nn.Module):
-    """``y = x (W / sqrt(in))^T + b`` with ``b`` initialised to ``bias_init`` (lr_mul 1, no act)."""
+    """``y = x (W / sqrt(in))^T + b`` with ``b`` initialised to ``bias_init`` (lr_mul 1).
 
-    def __init__(self, in_dim: int, out_dim: int, bias: bool = True, bias_init: float = 0.0):
+    ``activate=True`` (StyleGAN2's ``activation="fused_lrelu"``, used only by the discriminator) adds
+    the bias inside the activation: ``leaky_relu(x (W / sqrt(in))^T + b, 0.2) * sqrt(2)``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = True, bias_init: float = 0.0,
+                 activate: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_dim, in_dim))
         self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init))) if bias else None
         self.scale = 1.0 / math.sqrt(in_dim)
+        self.activate = activate
 
     def forward(self, x):
+        if self.activate:
+            return F.leaky_relu(F.linear(x, self.weight * self.scale) + self.bias, negative_slope=0.2) * SQRT2
         return F.linear(x, self.weight * self.scale, bias=self.bias)
 
 
@@ -560,6 +571,68 @@ class Generator(nn.Module):
     def decode(self, latent, feats):
         """``(image (B,3,size,size), {"flow_logits": [L x (B,3,r,r)], "rgb": [L x (B,3,r,r)]})``."""
         return self.dec.synthesize(latent, feats)
+
+
+# ---------------------------------------------------------------------------------------------
+# StyleGAN2 discriminator (LIA's training recipe, liax_official.md §6)
+# ---------------------------------------------------------------------------------------------
+
+def discriminator_channels(channel_multiplier: int = 1, scale: float = 1.0) -> dict[int, int]:
+    """Channels per feature-map size, ``{4..32: 512, 64: 256 cm, ..., 1024: 16 cm}`` times ``scale``."""
+    cm = channel_multiplier
+    base = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * cm, 128: 128 * cm, 256: 64 * cm, 512: 32 * cm,
+            1024: 16 * cm}
+    return {res: max(1, int(round(c * scale))) for res, c in base.items()}
+
+
+class DiscriminatorResBlock(nn.Module):
+    """``(conv2(conv1(x)) + skip(x)) / sqrt(2)``; conv1 3x3 **in->in**, conv2 3x3 in->out down, skip 1x1 down."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = ConvLayer(in_ch, in_ch, 3)
+        self.conv2 = ConvLayer(in_ch, out_ch, 3, downsample=True)
+        self.skip = ConvLayer(in_ch, out_ch, 1, downsample=True, activate=False, bias=False)
+
+    def forward(self, x):
+        return (self.conv2(self.conv1(x)) + self.skip(x)) / SQRT2
+
+
+class Discriminator(nn.Module):
+    """StyleGAN2 discriminator: ``convs`` (1x1 from RGB + ResBlocks down to 4x4), minibatch stddev,
+    ``final_conv`` (3x3, +stddev channels in), ``final_linear`` (fused-lrelu linear, then linear to 1).
+
+    ``scale`` shrinks every channel count (``1`` is the original architecture). NCHW, returns (B, 1).
+    """
+
+    def __init__(self, size: int, channel_multiplier: int = 1, scale: float = 1.0, stddev_group: int = 4,
+                 stddev_feat: int = 1):
+        super().__init__()
+        ch = discriminator_channels(channel_multiplier, scale)
+        log_size = int(round(math.log2(size)))
+        layers: list[nn.Module] = [ConvLayer(3, ch[size], 1)]
+        for i in range(log_size, 2, -1):
+            layers.append(DiscriminatorResBlock(ch[2 ** i], ch[2 ** (i - 1)]))
+        self.convs = nn.Sequential(*layers)
+        self.stddev_group, self.stddev_feat = stddev_group, stddev_feat
+        self.final_conv = ConvLayer(ch[4] + stddev_feat, ch[4], 3)
+        self.final_linear = nn.Sequential(EqualLinear(ch[4] * 16, ch[4], activate=True), EqualLinear(ch[4], 1))
+
+    def minibatch_stddev(self, x):
+        """Appends ``stddev_feat`` channels: per group position, the population std over the group,
+        averaged over channels-per-feature and pixels (sample ``b`` is in group ``b // (B // G)``)."""
+        b, c, h, w = x.shape
+        group = min(b, self.stddev_group)
+        f = self.stddev_feat
+        y = x.reshape(group, b // group, f, c // f, h, w)
+        y = torch.sqrt(y.var(0, unbiased=False) + 1e-8)       # (B//G, F, C//F, H, W)
+        y = y.mean(dim=(2, 3, 4)).reshape(b // group, f, 1, 1)
+        y = y.repeat(group, 1, h, w)                           # row g*(B//G) + m <- m
+        return torch.cat([x, y], 1)
+
+    def forward(self, x):
+        out = self.final_conv(self.minibatch_stddev(self.convs(x)))
+        return self.final_linear(out.reshape(out.shape[0], -1))
 
 
 # ---------------------------------------------------------------------------------------------

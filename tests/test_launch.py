@@ -1,13 +1,11 @@
 """The README's main command (launch/train.py) and CI stay runnable and in sync."""
 
-import json
 import os
 import re
 import subprocess
 import sys
 
 from conftest import ROOT
-from input_pipeline import video_io
 
 
 def _train(*args):
@@ -16,20 +14,19 @@ def _train(*args):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def test_train_data_stage_writes_preview(tmp_path):
-    r = _train(f"--workdir={tmp_path}", "--preview_batches=2", "--config.batch_size=4")
-    assert r.returncode == 0, r.stderr
-    summary = json.loads((tmp_path / "data_stage.json").read_text())
-    assert summary["pairs"] == 8
-    frames, fps = video_io.read_video(tmp_path / "samples" / "data_preview.mp4")
-    assert frames.shape == (8, 64, 128, 3) and fps == 4
-    assert json.loads((tmp_path / "config.json").read_text())["model_name"] == "liax"
-
-
 def test_train_bad_data_path_is_one_line(tmp_path):
     r = _train(f"--workdir={tmp_path}", f"--config.data.path={tmp_path}/nope")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path}/nope: data path is not a folder"
+
+
+def test_perceptual_loss_without_vgg_weights_refuses_to_start(tmp_path):
+    r = _train(f"--workdir={tmp_path}", "--config.loss.perceptual=1")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config: the perceptual loss needs ImageNet VGG19 weights")
+    assert "launch/convert.py vgg19" in last and "--config.loss.perceptual=0" in last
+    assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def test_readme_quickstart_matches_ci():
