@@ -43,7 +43,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.batch_size = 8 if variant == "tiny" else 32
     c.num_train_steps = 300 if variant == "tiny" else 500_000
     c.log_every_steps = 10 if variant == "tiny" else 100
-    c.eval_every_steps = 100 if variant == "tiny" else 5_000
+    c.eval_every_steps = 100 if variant == "tiny" else 5_000   # <= 0 disables evaluation
     c.checkpoint_every_steps = 100 if variant == "tiny" else 5_000
 
     c.checkpoint_keep = 3          # newest checkpoints kept in workdir/checkpoints

@@ -249,7 +249,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step, state = rt.initial_state()
     logging.info("%s", rt.task.describe(state["model"]))
     total = int(config.num_train_steps)
-    if step == 0 and config.eval.at_start:
+    eval_every = int(config.eval_every_steps)  # <= 0: no evaluation at all (quick smoke runs)
+    if step == 0 and config.eval.at_start and eval_every > 0:
         rt.evaluate(0, state)
 
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=rt.writer,
@@ -293,7 +294,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     logging.info("step %d/%d  loss %.5f  %.2f steps/s  ETA %s", step, total,
                                  last_metrics["train/loss"], rate, _fmt_time(eta))
                     log_start, log_t0 = step, time.perf_counter()
-                if step % config.eval_every_steps == 0 or final:
+                if eval_every > 0 and (step % eval_every == 0 or final):
                     check(step, m)
                     last_eval = rt.evaluate(step, state)
                 stop = preemption.any_process()

@@ -155,7 +155,8 @@ def test_corrupt_latest_checkpoint_is_skipped(env, reference_run, tmp_path):
 
 def test_eight_device_fsdp_run_matches_one_device(env, tmp_path):
     e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    common = ["--config.batch_size=8", "--config.num_train_steps=4", "--config.checkpoint_every_steps=100"]
+    common = ["--config.batch_size=8", "--config.num_train_steps=4", "--config.checkpoint_every_steps=100",
+              "--config.eval_every_steps=0"]
     one = _run(e, tmp_path / "one", *common, "--config.mesh.data=1", "--config.mesh.fsdp=1")
     assert one.returncode == 0, one.stderr[-3000:]
     eight = _run(e, tmp_path / "eight", *common, "--config.mesh.data=2", "--config.mesh.fsdp=4")
@@ -180,7 +181,8 @@ def test_two_processes_on_loopback_train_and_checkpoint(env, tmp_path):
     for pid in range(2):
         e = dict(env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
                  JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
-        procs.append(subprocess.Popen(_cmd(tmp_path, "--config.num_train_steps=3", "--config.mesh.data=-1"),
+        procs.append(subprocess.Popen(_cmd(tmp_path, "--config.num_train_steps=3", "--config.mesh.data=-1",
+                                           "--config.eval_every_steps=0"),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=e))
     outs = []
     try:
