@@ -120,10 +120,6 @@ def _load_frozen(task, mesh):
     return frozen
 
 
-def _param_count(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 class Runtime:
     """State shared by the loop: jitted functions, shardings, writers, data, checkpointer."""
 

@@ -85,8 +85,13 @@ def _as_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a ``.pt``/``.pth`` (torch, weights only) or ``.safetensors``/``.npz`` state dict as numpy."""
+def read_state_dict(path: str | os.PathLike, wrappers=("gen", "state_dict", "model"),
+                    safe_globals=()) -> dict[str, np.ndarray]:
+    """Reads a ``.pt``/``.pth`` (torch, weights only) or ``.safetensors``/``.npz`` state dict as numpy.
+
+    A torch checkpoint that nests the state dict under one of ``wrappers`` is unwrapped;
+    ``safe_globals`` are extra classes the weights-only unpickler may build (e.g. ``argparse.Namespace``).
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConversionError(f"{path}: no such file")
@@ -98,10 +103,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     import torch  # noqa: PLC0415
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    for wrapper in ("gen", "state_dict", "model"):
+    for wrapper in wrappers:
         if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
             sd = sd[wrapper]
     if not isinstance(sd, Mapping):
@@ -109,7 +115,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {k: _as_numpy(v) for k, v in sd.items()}
 
 
-def official_shapes(model: LiaX) -> dict[str, tuple]:
+def official_shapes(model) -> dict[str, tuple]:
     """Official key -> shape for this model's configuration."""
     out = {}
     for key, (ref, layout) in model.official_entries().items():
@@ -126,6 +132,16 @@ def load_official(state_dict_or_path, config: Mapping | LiaXConfig | None = None
         state = {k: _as_numpy(v) for k, v in state_dict_or_path.items()}
     config = LiaXConfig.from_config(config if config is not None else LiaXConfig())
     model = nnx.eval_shape(lambda: LiaX(config, rngs=nnx.Rngs(0)))
+    return assign_official(model, state, config)
+
+
+def assign_official(model, state: Mapping[str, np.ndarray], config):
+    """Fills an abstract model (``nnx.eval_shape``) from an official-layout state dict and returns it.
+
+    Works for any module with ``official_entries()`` (the LIA-X generator, the discriminator). Every key
+    must be used with the right shape and every parameter filled; ``config`` (with ``param_dtype``) names
+    the architecture in error messages.
+    """
     entries = model.official_entries()
     missing = [k for k in entries if k not in state]
     unexpected = [k for k in state if k not in entries]
@@ -135,6 +151,7 @@ def load_official(state_dict_or_path, config: Mapping | LiaXConfig | None = None
         raise ConversionError(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all) for {config}")
     shapes = official_shapes(model)
     dtype = config.param_dtype
+    np_dtype = np.float64 if dtype == jnp.float64 else np.float32
     for key, (ref, layout) in entries.items():
         value = state[key]
         if tuple(value.shape) != tuple(shapes[key]):
@@ -143,21 +160,23 @@ def load_official(state_dict_or_path, config: Mapping | LiaXConfig | None = None
             if not np.allclose(value, ref, atol=1e-6):
                 raise ConversionError(f"key {key!r}: FIR kernel differs from the expected constant")
             continue
-        ref.set_value(jnp.asarray(_to_jax_layout(value.astype(np.float64 if dtype == jnp.float64 else np.float32),
-                                               layout), dtype))
-    leftover = [path for path, v in nnx.state(model, nnx.Param).flat_state() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+        ref.set_value(jnp.asarray(_to_jax_layout(value.astype(np_dtype), layout), dtype))
+    leftover = [path for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     if leftover:
         raise ConversionError(f"parameter {'/'.join(map(str, leftover[0]))} was not initialised")
     return model
 
 
-def to_official(model: LiaX) -> dict[str, np.ndarray]:
-    """The model's parameters as an official-layout state dict (float32 numpy, all keys incl. kernels)."""
+def to_official(model) -> dict[str, np.ndarray]:
+    """The model's parameters as an official-layout state dict (float32 numpy, all keys incl. kernels).
+
+    Works for any module with ``official_entries()``.
+    """
     out = {}
     for key, (ref, layout) in model.official_entries().items():
         if layout == "kernel":
             out[key] = np.asarray(ref, np.float32)
             continue
-        value = np.asarray(ref.get_value(), np.float32)
-        out[key] = np.ascontiguousarray(_to_torch_layout(value, layout))
+        out[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(ref.get_value(), np.float32), layout))
     return out

@@ -32,16 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from liax_jax.convert import (ConversionError, _as_numpy, _to_jax_layout, _to_torch_layout, official_shapes,
-                              read_state_dict)
-from liax_jax.model import DTYPES
-from liax_jax.ops import SQRT2, ConvLayer, EqualLinear, _Base
+from liax_jax import convert
+from liax_jax.convert import _as_numpy, assign_official, read_state_dict
+from liax_jax.ops import SQRT2, ConvLayer, EqualLinear, ModelConfig, _Base
 
 _BASE_CHANNELS = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}
 
 
 @dataclasses.dataclass(frozen=True)
-class DiscriminatorConfig:
+class DiscriminatorConfig(ModelConfig):
     resolution: int
     channel_multiplier: int = 1
     scale: float = 1.0
@@ -58,29 +57,12 @@ class DiscriminatorConfig:
         if self.stddev_group < 1 or self.stddev_feat < 1 or self.channels(4) % self.stddev_feat:
             raise ValueError(f"stddev_group must be >= 1 and stddev_feat must divide {self.channels(4)} channels, "
                              f"got {self.stddev_group}, {self.stddev_feat}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping | "DiscriminatorConfig") -> "DiscriminatorConfig":
-        """From a mapping (e.g. an ml_collections ConfigDict); unknown keys are ignored."""
-        if isinstance(cfg, DiscriminatorConfig):
-            return cfg
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(cfg).items() if k in fields})
+        self.check_dtype()
 
     def channels(self, res: int) -> int:
         """Channels of the feature map at spatial size ``res``."""
         base = _BASE_CHANNELS[res] * (self.channel_multiplier if res >= 64 else 1)
         return max(1, int(round(base * self.scale)))
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def param_dtype(self):
-        return jnp.float64 if self.dtype == "float64" else jnp.float32
 
 
 class DiscriminatorResBlock(_Base):
@@ -181,22 +163,9 @@ def read_discriminator_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
     entry is used; the ``args`` Namespace is allowed through the weights-only unpickler) or a bare state
     dict. ``.safetensors``/``.npz``: a bare state dict.
     """
-    path = os.fspath(path)
-    if path.endswith((".safetensors", ".npz")):
-        return read_state_dict(path)
-    if not os.path.exists(path):
-        raise ConversionError(f"{path}: no such file")
     import argparse  # noqa: PLC0415
 
-    import torch  # noqa: PLC0415
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(sd, Mapping):
-        raise ConversionError(f"{path}: expected a state dict, got {type(sd).__name__}")
-    return {k: _as_numpy(v) for k, v in _unwrap(sd).items()}
+    return read_state_dict(path, wrappers=("dis",), safe_globals=(argparse.Namespace,))
 
 
 def _unwrap(state: Mapping) -> Mapping:
@@ -216,38 +185,9 @@ def load_official(state_dict_or_path, config: Mapping | DiscriminatorConfig) -> 
         state = {k: _as_numpy(v) for k, v in _unwrap(state_dict_or_path).items()}
     config = DiscriminatorConfig.from_config(config)
     model = nnx.eval_shape(lambda: Discriminator(config, rngs=nnx.Rngs(0)))
-    entries = model.official_entries()
-    missing = [k for k in entries if k not in state]
-    unexpected = [k for k in state if k not in entries]
-    if missing:
-        raise ConversionError(f"missing key {missing[0]!r} ({len(missing)} missing in all) for {config}")
-    if unexpected:
-        raise ConversionError(f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all) for {config}")
-    shapes = official_shapes(model)
-    dtype = config.param_dtype
-    np_dtype = np.float64 if dtype == jnp.float64 else np.float32
-    for key, (ref, layout) in entries.items():
-        value = state[key]
-        if tuple(value.shape) != tuple(shapes[key]):
-            raise ConversionError(f"key {key!r} has shape {tuple(value.shape)}, expected {tuple(shapes[key])}")
-        if layout == "kernel":
-            if not np.allclose(value, ref, atol=1e-6):
-                raise ConversionError(f"key {key!r}: FIR kernel differs from the expected constant")
-            continue
-        ref.set_value(jnp.asarray(_to_jax_layout(value.astype(np_dtype), layout), dtype))
-    leftover = [path for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-                if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
-    if leftover:
-        raise ConversionError(f"parameter {'/'.join(map(str, leftover[0]))} was not initialised")
-    return model
+    return assign_official(model, state, config)
 
 
 def to_official(model: Discriminator) -> dict[str, np.ndarray]:
     """The model's parameters as an official-layout state dict (float32 numpy, FIR kernel buffers included)."""
-    out = {}
-    for key, (ref, layout) in model.official_entries().items():
-        if layout == "kernel":
-            out[key] = np.asarray(ref, np.float32)
-            continue
-        out[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(ref.get_value(), np.float32), layout))
-    return out
+    return convert.to_official(model)

@@ -25,14 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from liax_jax.ops import (SQRT2, ConvLayer, EqualConv2d, EqualLinear, ModulatedConv2d, StyledConv, _Base, fir_kernel,
-                          grid_sample_align_corners, group_norm, upsample2x)
+from liax_jax.ops import (SQRT2, ConvLayer, EqualConv2d, EqualLinear, ModelConfig, ModulatedConv2d, StyledConv, _Base,
+                          fir_kernel, grid_sample_align_corners, group_norm, upsample2x)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
-class LiaXConfig:
+class LiaXConfig(ModelConfig):
     resolution: int = 512
     scale: float = 2.0
     motion_dim: int = 40
@@ -44,18 +43,10 @@ class LiaXConfig:
         levels = math.log2(self.resolution) - 2
         if self.resolution < 64 or self.resolution > 512 or levels != int(levels):
             raise ValueError(f"resolution must be a power of two in [64, 512], got {self.resolution}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        self.check_dtype()
         for d in range(self.levels + 1):
             if self.channels(d) % self.norm_groups:
                 raise ValueError(f"channels {self.channels(d)} not divisible by norm_groups {self.norm_groups}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping | "LiaXConfig") -> "LiaXConfig":
-        if isinstance(cfg, LiaXConfig):
-            return cfg
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(cfg).items() if k in fields})
 
     @property
     def levels(self) -> int:
@@ -68,14 +59,6 @@ class LiaXConfig:
     def channels(self, depth: int) -> int:
         base = [64, 128, 256][depth] if depth < 3 else 512
         return int(round(base * self.scale))
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
-
-    @property
-    def param_dtype(self):
-        return jnp.float64 if self.dtype == "float64" else jnp.float32
 
 
 # -------------------------------------------------------------------------------------------- encoder

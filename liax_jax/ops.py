@@ -21,6 +21,7 @@ are constant buffers (``kernel``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -29,6 +30,34 @@ import numpy as np
 from flax import nnx
 
 SQRT2 = math.sqrt(2.0)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64, "float16": jnp.float16}
+
+
+class ModelConfig:
+    """Shared behaviour of the frozen config dataclasses (a ``dtype`` field naming the compute dtype)."""
+
+    @classmethod
+    def from_config(cls, cfg):
+        """From a mapping (e.g. an ml_collections ConfigDict) or an instance; unknown keys are ignored."""
+        if isinstance(cfg, cls):
+            return cfg
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(cfg).items() if k in fields})
+
+    def check_dtype(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def param_dtype(self):
+        """Parameters are float32 (float64 when computing in float64)."""
+        return jnp.float64 if self.dtype == "float64" else jnp.float32
+
 
 # Logical axis names of the weights (see launch/sharding.py and the config's ``sharding_rules``).
 CONV_AXES = (None, None, "conv_in", "conv_out")

@@ -15,6 +15,21 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(scope="module")
+def float64_parity():
+    """float64 JAX and single-threaded torch for a parity-test module (restored afterwards)."""
+    import jax
+    import torch
+
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+    torch.set_num_threads(torch_threads)
+
+
 @pytest.fixture(scope="session")
 def astronaut() -> np.ndarray:
     """scikit-image's public-domain astronaut photo (512x512 RGB, one face)."""

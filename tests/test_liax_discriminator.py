@@ -36,14 +36,8 @@ CASES = [(64, 1, 0.125, 4, 1), (64, 2, 0.0625, 2, 2)]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def x64(float64_parity):
     yield
-    jax.config.update("jax_enable_x64", previous)
-    torch.set_num_threads(torch_threads)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -5,7 +5,6 @@ Every path is active (layer-scale gammas 0.1-0.5, non-trivial norms and biases).
 final image, for edit_image and animate, at 64² and 128² (reduced channel scale).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,14 +20,8 @@ VALUES = [0.14, 0, -0.26, -0.29, -0.11, 0, -0.13, -0.18, 0, 0, 0, 0, -0.02, 0.07
 
 
 @pytest.fixture(scope="module", autouse=True)
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def x64(float64_parity):
     yield
-    jax.config.update("jax_enable_x64", previous)
-    torch.set_num_threads(torch_threads)
 
 
 def rel_err(ours, ref, layout="nhwc"):
