@@ -127,7 +127,7 @@ def bench_throughput(variant, dtype, frames, chunk, repeats, size):
             runs.append(wall)
     wall = statistics.median(runs)
     return {"config": variant, "dtype": dtype, "resolution": res, "params": params, "driving_size": size,
-            "chunk": chunk, "frames": frames, "frames_per_s": round(frames / wall, 3),
+            "chunk": chunk, "frames": frames, "frames_per_s": float(f"{frames / wall:.4g}"),
             "ms_per_frame": round(wall / frames * 1e3, 1), "first_run_s": round(first_s, 2),
             "first_run_frames": chunk, "model_build_s": round(build_s, 2), "repeats": repeats,
             "runs_s": [round(r, 3) for r in runs]}

@@ -56,25 +56,35 @@ INTERPOLATION_FPS = 25.0
 
 # ------------------------------------------------------------------------------------------ plumbing
 def prefetch(iterable, depth: int = 2) -> Iterator:
-    """Runs ``iterable`` (decode + crop) in a background thread, ``depth`` items ahead."""
+    """Runs ``iterable`` (decode + crop) in a background thread, ``depth`` items ahead.
+
+    Errors in the thread are raised in the consumer; when the consumer stops early the thread stops too
+    and closes ``iterable`` (releasing the video file).
+    """
     q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
     stop = threading.Event()
+
+    def put(message) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work():
         try:
             for item in iterable:
-                while not stop.is_set():
-                    try:
-                        q.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(("item", item)):
                     return
-            q.put(("end", done))
+            put(("end", None))
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(("error", e))
+            put(("error", e))
+        finally:
+            close = getattr(iterable, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
@@ -88,6 +98,7 @@ def prefetch(iterable, depth: int = 2) -> Iterator:
             yield item
     finally:
         stop.set()
+        thread.join(timeout=5)
 
 
 def pipelined(items, dispatch) -> Iterator:
@@ -121,6 +132,8 @@ def check_args(args) -> None:
     drv = args.driving or []
     if args.chunk_size < 1:
         raise UserError("must be >= 1", "--chunk-size")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UserError("must be >= 1", "--max-frames")
     if args.paste_back and not args.crop:
         raise UserError("--paste-back blends a face crop back into the frame; add --crop", "--paste-back")
     if mode in ("animation", "img_edit", "manipulation", "interpolation") and not args.source:
@@ -293,9 +306,9 @@ class Job:
             framing = self.driving_framing
 
             def decoded():
-                reader = video_io.VideoReader(args.driving[0], max_frames=args.max_frames)
-                for chunk in reader.chunks(args.chunk_size):
-                    yield chunk, portrait.to_model(framing.crop_many(chunk))
+                with video_io.VideoReader(args.driving[0], max_frames=args.max_frames) as reader:
+                    for chunk in reader.chunks(run.chunk_size):
+                        yield chunk, portrait.to_model(framing.crop_many(chunk))
 
             stream = prefetch(decoded())
             anim = None

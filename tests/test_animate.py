@@ -264,12 +264,13 @@ def _bad_inputs(files, d):
         "not a checkpoint": ([f"--checkpoint={empty_dir}", f"--source={src}", f"--driving={drv}"], str(empty_dir)),
         "missing driving flag": ([ck, f"--source={src}"], "--driving"),
         "paste-back without crop": ([ck, f"--source={src}", f"--driving={drv}", "--paste-back"], "--paste-back"),
+        "zero max frames": ([ck, f"--source={src}", f"--driving={drv}", "--max-frames=0"], "--max-frames"),
     }
 
 
 BAD = ["missing source", "empty source", "not an image", "corrupt video", "zero-frame video", "empty frame folder",
        "missing driving", "no face", "unknown edit name", "bad edit value", "edit index out of range", "other model",
-       "missing checkpoint", "not a checkpoint", "missing driving flag", "paste-back without crop"]
+       "missing checkpoint", "not a checkpoint", "missing driving flag", "paste-back without crop", "zero max frames"]
 
 
 @pytest.mark.parametrize("case", BAD)
