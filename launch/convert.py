@@ -4,6 +4,8 @@ r"""Converts official PyTorch checkpoints to portrait-jax params checkpoints (Or
     python launch/convert.py liax --to-torch --checkpoint=checkpoints/liax-official --output=lia-x.pt
     python launch/convert.py liax --from-train=runs/mine --output=checkpoints/mine --directions=smile=3,yaw=7
     python launch/convert.py vgg19 --torch-checkpoint=vgg19-dcbb9e9d.pth --output=checkpoints/vgg19
+    python launch/convert.py sd --unet=sd-image-variations-diffusers/unet --vae=svd-xt/vae \
+        --clip=sd-image-variations-diffusers/image_encoder --output=checkpoints/sd
 
 ``liax`` options: ``--scale`` (2 for the release), ``--motion-dim`` (40), ``--resolution`` (512),
 ``--norm-groups`` (32).
@@ -138,6 +140,42 @@ def convert_vgg19(args) -> None:
     print(f"wrote VGG19 params ({args.torch_checkpoint}) to {args.output}")
 
 
+def _diffusers_kind(folder: str, default: str) -> str:
+    from xnemo_jax import convert  # noqa: PLC0415
+
+    name = convert.read_config(folder).get("_class_name", "")
+    return "svd_vae" if name == "AutoencoderKLTemporalDecoder" else default
+
+
+def convert_sd(args) -> None:
+    """Stable Diffusion components (diffusers/transformers folders) -> one params checkpoint each."""
+    from flax import nnx  # noqa: PLC0415
+
+    from input_pipeline.errors import UserError  # noqa: PLC0415
+    from launch import checkpointing  # noqa: PLC0415
+    from xnemo_jax import convert  # noqa: PLC0415
+
+    parts = [(name, folder, kind) for name, folder, kind in
+             (("unet", args.unet, "unet"), ("vae", args.vae, "vae"), ("image_encoder", args.clip, "clip_vision"))
+             if folder]
+    if not parts:
+        raise UserError("give at least one of --unet, --vae, --clip")
+    for name, folder, kind in parts:
+        if not os.path.isdir(folder):
+            raise UserError("no such folder", folder)
+    for name, folder, kind in parts:
+        try:
+            kind = _diffusers_kind(folder, kind) if kind == "vae" else kind
+            model = convert.load_pretrained(folder, kind)
+            config = convert.read_config(folder)
+        except convert.ConversionError as e:
+            raise UserError(str(e)) from e
+        out = os.path.join(args.output, name)
+        checkpointing.save_params(out, kind, config, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                                  {"source": os.path.abspath(folder)})
+        print(f"wrote {kind} ({folder}) to {out}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="model", required=True)
@@ -155,11 +193,16 @@ def main(argv=None) -> int:
     p = sub.add_parser("vgg19", help="torchvision ImageNet VGG19 for the perceptual loss (vgg19-dcbb9e9d.pth)")
     p.add_argument("--torch-checkpoint", required=True, help="torchvision vgg19 state dict (.pth/.safetensors)")
     p.add_argument("--output", required=True, help="output folder")
+    p = sub.add_parser("sd", help="Stable Diffusion parts for X-NeMo (diffusers/transformers folders)")
+    p.add_argument("--unet", help="UNet2DConditionModel folder (config.json + weights)")
+    p.add_argument("--vae", help="AutoencoderKL or AutoencoderKLTemporalDecoder folder")
+    p.add_argument("--clip", help="CLIPVisionModelWithProjection folder")
+    p.add_argument("--output", required=True, help="output folder (one params checkpoint per part)")
     args = parser.parse_args(argv)
 
     from input_pipeline.errors import UserError  # noqa: PLC0415
     try:
-        {"liax": convert_liax, "vgg19": convert_vgg19}[args.model](args)
+        {"liax": convert_liax, "vgg19": convert_vgg19, "sd": convert_sd}[args.model](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
