@@ -255,8 +255,8 @@ class Job:
         self.keyframes = None
         self.reader_info = None
         if mode in ("animation", "vid_edit"):
-            self.reader_info = video_io.probe_video(args.driving[0])
-            with video_io.VideoReader(args.driving[0], max_frames=1) as reader:
+            with video_io.VideoReader(args.driving[0]) as reader:  # validates; info + first frame only
+                self.reader_info = reader.info
                 first = next(iter(reader))
             self.driving_framing = self.framer(first, args.driving[0])
         elif mode == "interpolation":

@@ -76,8 +76,7 @@ class CLIPVisionConfig:
             # CLIPModel's visual_projection is sized by the top-level projection_dim (default 512).
             vision["projection_dim"] = config.get("projection_dim", cls.projection_dim)
             config = vision
-        names = {f.name for f in dataclasses.fields(cls)}
-        out = cls(**{k: v for k, v in config.items() if k in names})
+        out = cls(**layers.config_fields(cls, config))
         if out.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {out.hidden_act!r}; expected one of {sorted(ACTIVATIONS)}")
         if out.hidden_size % out.num_attention_heads:
@@ -205,22 +204,19 @@ class CLIPVisionTransformer(nnx.Module):
         return last, pooled, states
 
 
-class CLIPVisionModelWithProjection(nnx.Module):
-    """CLIP image encoder: ``pixel_values (B, H, W, C)`` -> :class:`CLIPVisionOutput` with ``image_embeds``."""
+class CLIPVisionModelWithProjection(layers.FromConfig, nnx.Module):
+    """CLIP image encoder: ``pixel_values (B, H, W, C)`` -> :class:`CLIPVisionOutput` with ``image_embeds``.
+
+    ``from_config`` takes a transformers ``config.json`` dict (``CLIPVisionConfig`` or full ``CLIPConfig``).
+    """
+
+    CONFIG = CLIPVisionConfig
 
     def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
         self.vision_model = CLIPVisionTransformer(config, rngs=rngs, dtype=dtype)
         self.visual_projection = layers.Linear(config.hidden_size, config.projection_dim, bias=False, rngs=rngs,
                                                dtype=dtype)
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any] | CLIPVisionConfig, *, rngs: nnx.Rngs,
-                    dtype="float32") -> CLIPVisionModelWithProjection:
-        """From a transformers ``config.json`` dict (``CLIPVisionConfig`` or full ``CLIPConfig``)."""
-        if not isinstance(config, CLIPVisionConfig):
-            config = CLIPVisionConfig.from_dict(config)
-        return cls(config, rngs=rngs, dtype=layers.as_dtype(dtype))
 
     @staticmethod
     def torch_key(key: str) -> str | None:

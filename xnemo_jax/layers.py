@@ -16,7 +16,10 @@ transpose by rank. Compute dtype ``dtype`` (inputs are cast to it), parameters i
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,27 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 def as_dtype(dtype):
     """A jnp dtype from a name (``"bfloat16"``) or a dtype."""
     return DTYPES[dtype] if isinstance(dtype, str) else jnp.dtype(dtype).type
+
+
+def config_fields(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a ``config.json`` dict that are fields of the dataclass ``cls`` (diffusers' and
+    transformers' extra keys such as ``_class_name`` / ``_diffusers_version`` are dropped)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in dict(config).items() if k in names}
+
+
+class FromConfig:
+    """``Model.from_config(config, *, rngs, dtype, **options)`` for models built as
+    ``Model(Config, *, rngs, dtype, **options)``: ``config`` is a ``config.json`` dict (read with
+    ``CONFIG.from_dict``) or already a ``CONFIG`` instance; ``dtype`` a name or a dtype."""
+
+    CONFIG: type
+
+    @classmethod
+    def from_config(cls, config, *, rngs: nnx.Rngs, dtype="float32", **options):
+        if not isinstance(config, cls.CONFIG):
+            config = cls.CONFIG.from_dict(config)
+        return cls(config, rngs=rngs, dtype=as_dtype(dtype), **options)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,

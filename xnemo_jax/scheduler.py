@@ -60,6 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xnemo_jax import layers
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -132,8 +134,7 @@ class DDIMConfig:
                 path = os.path.join(path, "scheduler_config.json")
             with open(path) as f:
                 config = json.load(f)
-        names = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(config).items() if k in names})
+        return cls(**layers.config_fields(cls, config))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain keyword arguments (``trained_betas`` as a list), e.g. for ``diffusers.DDIMScheduler(**d)``."""

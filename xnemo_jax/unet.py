@@ -147,8 +147,7 @@ class UNetConfig:
                                  f"{', '.join(repr(a) for a in allowed)})")
         if "norm_num_groups" in config and config["norm_num_groups"] is None:
             raise ValueError("unsupported UNet option norm_num_groups=None (GroupNorm-free output head)")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        given = {k: v for k, v in config.items() if k in fields}
+        given = layers.config_fields(cls, config)
         down = tuple(given.get("down_block_types", cls.down_block_types))
         up = tuple(given.get("up_block_types", cls.up_block_types))
         n = len(down)
@@ -442,8 +441,14 @@ class UpBlock(nnx.Module):
 
 
 # ------------------------------------------------------------------------------------------------- UNet
-class UNet2DConditionModel(nnx.Module):
-    """SD-1.x UNet: ``(sample (B, H, W, C_in), timestep, encoder_hidden_states (B, S, D)) -> (B, H, W, C_out)``."""
+class UNet2DConditionModel(layers.FromConfig, nnx.Module):
+    """SD-1.x UNet: ``(sample (B, H, W, C_in), timestep, encoder_hidden_states (B, S, D)) -> (B, H, W, C_out)``.
+
+    ``from_config(config_dict, *, rngs, dtype, with_output_head=True)``; ``with_output_head=False`` omits
+    ``conv_norm_out``/``conv_out`` (a reference net: ``__call__`` returns the last features).
+    """
+
+    CONFIG = UNetConfig
 
     def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, with_output_head: bool = True):
         self.config = config
@@ -479,15 +484,6 @@ class UNet2DConditionModel(nnx.Module):
                     tb.tap_key = f"{prefix}.attentions.{j}.transformer_blocks.{k}"
                     keys.append(tb.tap_key)
         self._tap_keys = tuple(keys)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any] | UNetConfig, *, rngs: nnx.Rngs, dtype="float32",
-                    with_output_head: bool = True) -> UNet2DConditionModel:
-        """From a diffusers ``config.json`` dict (or a :class:`UNetConfig`). ``with_output_head=False``
-        omits ``conv_norm_out``/``conv_out`` (a reference net: ``__call__`` returns the last features)."""
-        if not isinstance(config, UNetConfig):
-            config = UNetConfig.from_dict(config)
-        return cls(config, rngs=rngs, dtype=layers.as_dtype(dtype), with_output_head=with_output_head)
 
     def torch_key(self, key: str) -> str | None:
         """Checkpoint key -> parameter path; a model without output head skips the head's keys."""

@@ -72,8 +72,7 @@ def _tuple(value):
 def _fields_from_dict(cls, config: dict[str, Any]) -> dict[str, Any]:
     """The known fields of a dataclass ``cls`` from a ``config.json`` dict (lists → tuples, unknown keys
     such as ``_class_name`` / ``_diffusers_version`` ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: _tuple(v) for k, v in config.items() if k in names}
+    return {k: _tuple(v) for k, v in layers.config_fields(cls, config).items()}
 
 
 def _check_blocks(kind: str, types: tuple[str, ...], supported: tuple[str, ...], channels: tuple[int, ...]):
@@ -169,6 +168,14 @@ class DiagonalGaussian:
 
     def mode(self) -> jax.Array:
         return self.mean
+
+    def draw(self, key: jax.Array | None, sample: bool) -> jax.Array:
+        """:meth:`sample` with ``key`` when ``sample`` is true (a key is then required), else :meth:`mode`."""
+        if not sample:
+            return self.mode()
+        if key is None:
+            raise ValueError("sample_posterior=True needs a PRNG key")
+        return self.sample(key)
 
     def kl(self, other: DiagonalGaussian | None = None) -> jax.Array:
         """KL divergence to ``other`` (default: the standard normal), summed over (H, W, C) -> (B,)."""
@@ -315,8 +322,11 @@ def _legacy_attention_key(key: str) -> str:
     return _LEGACY_ATTENTION.sub(lambda m: f"{m.group(1)}{_LEGACY_NAMES[m.group(2)]}.", key)
 
 
-class AutoencoderKL(nnx.Module):
-    """The SD image VAE: ``encode(x) -> DiagonalGaussian``, ``decode(z) -> x``, channels-last."""
+class AutoencoderKL(layers.FromConfig, nnx.Module):
+    """The SD image VAE: ``encode(x) -> DiagonalGaussian``, ``decode(z) -> x``, channels-last;
+    ``from_config`` takes a diffusers ``AutoencoderKL`` ``config.json`` dict."""
+
+    CONFIG = VAEConfig
 
     def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
@@ -329,13 +339,6 @@ class AutoencoderKL(nnx.Module):
         self.quant_conv = layers.Conv(moments, moments, 1, rngs=rngs, dtype=dtype) if c.use_quant_conv else None
         self.post_quant_conv = layers.Conv(c.latent_channels, c.latent_channels, 1, rngs=rngs, dtype=dtype) \
             if c.use_post_quant_conv else None
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any] | VAEConfig, *, rngs: nnx.Rngs, dtype="float32") -> AutoencoderKL:
-        """From a diffusers ``AutoencoderKL`` ``config.json`` dict (or a :class:`VAEConfig`)."""
-        if not isinstance(config, VAEConfig):
-            config = VAEConfig.from_dict(config)
-        return cls(config, rngs=rngs, dtype=layers.as_dtype(dtype))
 
     torch_key = staticmethod(_legacy_attention_key)
 
@@ -362,14 +365,7 @@ class AutoencoderKL(nnx.Module):
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None, sample_posterior: bool = False) -> jax.Array:
         """Reconstruction: decode the posterior's mode (or a sample drawn with ``key``)."""
-        posterior = self.encode(x)
-        if sample_posterior:
-            if key is None:
-                raise ValueError("sample_posterior=True needs a PRNG key")
-            z = posterior.sample(key)
-        else:
-            z = posterior.mode()
-        return self.decode(z)
+        return self.decode(self.encode(x).draw(key, sample_posterior))
 
 
 # ----------------------------------------------------------------------------- temporal decoder blocks
@@ -505,9 +501,11 @@ class TemporalDecoder(nnx.Module):
         return x.reshape(bf, h, w, c)
 
 
-class AutoencoderKLTemporalDecoder(nnx.Module):
+class AutoencoderKLTemporalDecoder(layers.FromConfig, nnx.Module):
     """The SVD VAE: per-image :meth:`encode`, clip-wise :meth:`decode` (``num_frames`` consecutive latents
-    per clip), channels-last."""
+    per clip), channels-last; ``from_config`` takes a diffusers ``AutoencoderKLTemporalDecoder`` dict."""
+
+    CONFIG = TemporalVAEConfig
 
     def __init__(self, config: TemporalVAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
@@ -518,14 +516,6 @@ class AutoencoderKLTemporalDecoder(nnx.Module):
                                        layers_per_block=c.layers_per_block, rngs=rngs, dtype=dtype)
         moments = 2 * c.latent_channels
         self.quant_conv = layers.Conv(moments, moments, 1, rngs=rngs, dtype=dtype)  # no post_quant_conv
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any] | TemporalVAEConfig, *, rngs: nnx.Rngs,
-                    dtype="float32") -> AutoencoderKLTemporalDecoder:
-        """From a diffusers ``AutoencoderKLTemporalDecoder`` ``config.json`` dict (or a :class:`TemporalVAEConfig`)."""
-        if not isinstance(config, TemporalVAEConfig):
-            config = TemporalVAEConfig.from_dict(config)
-        return cls(config, rngs=rngs, dtype=layers.as_dtype(dtype))
 
     torch_key = staticmethod(_legacy_attention_key)
 
@@ -547,11 +537,4 @@ class AutoencoderKLTemporalDecoder(nnx.Module):
     def __call__(self, x: jax.Array, key: jax.Array | None = None, sample_posterior: bool = False,
                  num_frames: int = 1) -> jax.Array:
         """Reconstruction of ``(B * num_frames, H, W, C)`` frames through the posterior's mode (or a sample)."""
-        posterior = self.encode(x)
-        if sample_posterior:
-            if key is None:
-                raise ValueError("sample_posterior=True needs a PRNG key")
-            z = posterior.sample(key)
-        else:
-            z = posterior.mode()
-        return self.decode(z, num_frames)
+        return self.decode(self.encode(x).draw(key, sample_posterior), num_frames)
