@@ -1,7 +1,8 @@
 r"""LIA-X end to end: frames/s of ``launch/animate.py`` (decode + animate + encode) per config, and memory
 over a long driving video.
 
-    python benchmarks/liax_animate.py [--configs=tiny,official] [--long-frames=2000] [--json=benchmarks/results/liax_animate.json]
+    python benchmarks/liax_animate.py [--configs=tiny,official] [--long-frames=2000] \
+        [--json=benchmarks/results/liax_animate.json]
 
 Throughput: for each config, random weights (the speed does not depend on them) in a
 ``liax_jax.inference.Runner``, handed to ``launch.animate.Job`` (no checkpoint on disk), animation mode,

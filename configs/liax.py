@@ -47,6 +47,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 100 if variant == "tiny" else 5_000
 
     c.checkpoint_keep = 3          # newest checkpoints kept in workdir/checkpoints
+    # Multi-process jobs agree on a SIGTERM stop every this many steps (a blocking host all-gather); up to
+    # this many - 1 steps run after the signal before the save (launch/trainer.py _Preemption).
+    c.preemption_check_every = 10
 
     # Discriminator (StyleGAN2, minibatch stddev); resolution follows the model.
     c.discriminator = ml_collections.ConfigDict(dict(channel_multiplier=1, scale=0.125 if variant == "tiny" else 1.0,

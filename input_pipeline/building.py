@@ -12,7 +12,8 @@ Inputs are split into shard groups (``videos_per_shard`` consecutive inputs of t
 files are written under temporary names and renamed, then its marker is written, so an interrupted run
 restarts at the first unfinished shard and never reads a half-written one. A video that cannot be read or
 has no face is reported and skipped; it never stops the run. Held-out ("eval") videos are chosen by a
-stable hash of their path, so the split does not depend on the order or number of inputs.
+stable hash of their path (:func:`assign_splits`), so the split does not depend on the input order; a
+small dataset (two or more videos) always gets at least one eval video and keeps at least one for training.
 
 Per video: pass 1 streams the frames through BlazeFace (every ``detect_every``-th frame, the rest
 interpolated); pass 2 streams them again, cuts the video into clips of at most ``clip_length`` frames,
@@ -66,10 +67,30 @@ def _marker_path(directory: str, index: int) -> str:
     return os.path.join(directory, _DONE_DIR, f"shard-{index:05d}.json")
 
 
-def is_eval(name: str, eval_fraction: float) -> bool:
-    """Stable split assignment from a name (hash, independent of input order)."""
-    h = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return h < eval_fraction
+def _split_hash(name: str) -> float:
+    return int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def assign_splits(names: list[str], eval_fraction: float) -> set[str]:
+    """The names held out for evaluation: those whose path hash falls below ``eval_fraction``.
+
+    With two or more names and ``0 < eval_fraction < 1`` both splits are non-empty: when no hash falls
+    below the fraction (likely for a handful of videos at the default 5 %), the name with the smallest
+    hash is held out; when every name would be held out, the one with the largest hash trains. The rule
+    depends only on the set of names, so it is deterministic and a resumed build makes the same split.
+    """
+    if eval_fraction <= 0:
+        return set()
+    if eval_fraction >= 1:
+        return set(names)
+    held = {n for n in names if _split_hash(n) < eval_fraction}
+    ranked = sorted(set(names), key=lambda n: (_split_hash(n), n))
+    if len(ranked) >= 2:
+        if not held:
+            held = {ranked[0]}
+        elif len(held) == len(ranked):
+            held.discard(ranked[-1])
+    return held
 
 
 def resolve_inputs(spec: str) -> list[str]:
@@ -205,11 +226,16 @@ def _build(directory: str, groups: list[list], make_records: Callable, kind: dic
             bar.update(len(group))
             continue
         by_split: dict[str, list[bytes]] = {s: [] for s in SPLITS}
+        units = {s: 0 for s in SPLITS}    # videos (or synthetic clips) that gave each split a clip
         errors = []
         for unit in group:
             try:
+                splits = set()
                 for split, record in make_records(unit):
                     by_split[split].append(schema.serialize(record))
+                    splits.add(split)
+                for split in splits:
+                    units[split] += 1
             except UserError as e:
                 errors.append(str(e))
                 tqdm.write(f"skipped: {e}", file=sys.stderr)
@@ -223,13 +249,14 @@ def _build(directory: str, groups: list[list], make_records: Callable, kind: dic
             if records:
                 _write_array_record(shard_path(directory, split, index), records)
         with atomic_output(marker) as tmp, open(tmp, "w") as f:
-            json.dump({"counts": {s: len(v) for s, v in by_split.items()}, "errors": errors}, f)
+            json.dump({"counts": {s: len(v) for s, v in by_split.items()}, "units": units, "errors": errors}, f)
     bar.close()
     return _write_info(directory, len(groups), kind)
 
 
 def _write_info(directory: str, num_shards: int, kind: dict) -> dict:
     counts = {s: 0 for s in SPLITS}
+    sources = {s: 0 for s in SPLITS}
     shards = {s: [] for s in SPLITS}
     errors = []
     for index in range(num_shards):
@@ -237,12 +264,13 @@ def _write_info(directory: str, num_shards: int, kind: dict) -> dict:
             marker = json.load(f)
         errors.extend(marker["errors"])
         for split in SPLITS:
+            sources[split] += marker.get("units", {}).get(split, 0)
             if marker["counts"][split]:
                 counts[split] += marker["counts"][split]
                 shards[split].append(os.path.basename(shard_path(directory, split, index)))
     info = {"format": "portrait-jax talking heads", "schema_version": schema.SCHEMA_VERSION,
             "resolution": kind["resolution"], "source": kind["source"], "num_clips": counts,
-            "shards": shards, "skipped": errors, "options": kind}
+            "num_sources": sources, "shards": shards, "skipped": errors, "options": kind}
     with atomic_output(os.path.join(directory, DATASET_INFO)) as tmp, open(tmp, "w") as f:
         json.dump(info, f, indent=1)
     return info
@@ -255,13 +283,14 @@ def prepare_videos(inputs: list[str], directory: str, options: BuildOptions = Bu
         raise UserError("no input videos", directory)
     common = os.path.commonpath(inputs) if len(inputs) > 1 else os.path.dirname(inputs[0])
     names = {p: os.path.relpath(p, common) for p in inputs}
+    held_out = assign_splits(list(names.values()), options.eval_fraction)
     state = {"detector": detector}
 
     def make_records(path):
         if state["detector"] is None:
             from input_pipeline.face_detection import FaceDetector  # noqa: PLC0415
             state["detector"] = FaceDetector(options.detector_model)
-        split = "eval" if is_eval(names[path], options.eval_fraction) else "train"
+        split = "eval" if names[path] in held_out else "train"
         for record in video_clips(path, options, state["detector"], name=names[path]):
             yield split, record
 
@@ -276,11 +305,14 @@ def prepare_synthetic(num_clips: int, directory: str, options: BuildOptions = Bu
                       progress: bool = True) -> dict:
     """Builds a dataset of ``num_clips`` synthetic talking-head clips (ground-truth boxes, no detector).
 
-    The first ``ceil(num_clips * eval_fraction)`` clips are held out for evaluation.
+    The first ``ceil(num_clips * eval_fraction)`` clips are held out for evaluation (at most
+    ``num_clips - 1`` of them when there are two or more, so the training split is never empty).
     """
     if num_clips < 1:
         raise UserError(f"--synthetic must be >= 1, got {num_clips}")
     num_eval = math.ceil(num_clips * options.eval_fraction) if options.eval_fraction > 0 else 0
+    if num_clips >= 2 and options.eval_fraction < 1:
+        num_eval = min(num_eval, num_clips - 1)
 
     def make_records(index):
         split = "eval" if index < num_eval else "train"

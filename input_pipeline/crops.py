@@ -116,7 +116,7 @@ def xnemo_driving_crops(frames: np.ndarray, boxes: np.ndarray, size: int = 224,
     frames = np.asarray(frames)
     windows = xnemo_driving_windows(boxes, frames.shape[1], frames.shape[2], sigma)
     return np.stack([resize(f[y0:y1, x0:x1], size, size, method="lanczos")
-                     for f, (x0, y0, x1, y1) in zip(frames, windows)])
+                     for f, (x0, y0, x1, y1) in zip(frames, windows, strict=True)])
 
 
 def relative_box_transform(reference_box, driving_boxes) -> np.ndarray:

@@ -102,7 +102,8 @@ class SyntheticClipSource(grain.sources.RandomAccessDataSource):
         return SyntheticClip(seed=seed, num_frames=self.num_frames, size=self.size, fps=self.fps)
 
     def __repr__(self) -> str:
-        return f"SyntheticClipSource({self.num_clips} clips x {self.num_frames} frames, {self.size}px, seed {self.seed})"
+        return (f"SyntheticClipSource({self.num_clips} clips x {self.num_frames} frames, {self.size}px, "
+                f"seed {self.seed})")
 
 
 def take_frames(clip, indices) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -117,6 +118,10 @@ def take_frames(clip, indices) -> tuple[np.ndarray, np.ndarray, dict[str, np.nda
         elif arr.ndim == 1:
             extra[name] = arr
     return clip.decode_frames(indices), clip.boxes[indices], extra
+
+
+class EmptySplitError(UserError):
+    """A prepared dataset has no clips in the requested split."""
 
 
 def open_source(path: str | None, split: str = "train", *, synthetic_clips: int = 256,
@@ -136,7 +141,7 @@ def open_source(path: str | None, split: str = "train", *, synthetic_clips: int 
     if os.path.exists(os.path.join(path, building.DATASET_INFO)):
         paths = building.shard_paths(path, split)
         if not paths:
-            raise UserError(f"the {split!r} split of this dataset is empty", path)
+            raise EmptySplitError(f"the {split!r} split of this dataset is empty", path)
         return RecordSource(grain.sources.ArrayRecordDataSource(paths), name=f"{path} [{split}]")
     if os.path.isdir(os.path.join(path, TFDS_NAME)):
         import tensorflow_datasets as tfds  # noqa: PLC0415

@@ -48,7 +48,7 @@ class Framing:
 
     # ----------------------------------------------------------------------------------- factories
     @classmethod
-    def whole_frame(cls, height: int, width: int, resolution: int, pad: str = "edge") -> "Framing":
+    def whole_frame(cls, height: int, width: int, resolution: int, pad: str = "edge") -> Framing:
         """The whole frame, padded to a centred square of side max(H, W)."""
         side = max(height, width)
         x0, y0 = (width - side) // 2, (height - side) // 2
@@ -56,7 +56,7 @@ class Framing:
 
     @classmethod
     def face(cls, box, height: int, width: int, resolution: int, pad: str = "edge", increase: float = 0.25,
-             increase_top: float = 0.5) -> "Framing":
+             increase_top: float = 0.5) -> Framing:
         """The official LIA-X face crop of ``box`` (``[x0, y0, x1, y1]``), made square if clipped."""
         x0, y0, x1, y1 = crops.liax_crop_window(box, height, width, increase, increase_top)
         side = max(x1 - x0, y1 - y0, 1)

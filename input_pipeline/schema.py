@@ -80,7 +80,7 @@ class ClipRecord:
     @classmethod
     def from_frames(cls, frames: np.ndarray, fps: float, boxes: np.ndarray, *, image_format: str = "jpeg",
                     quality: int = 95, meta: dict | None = None,
-                    arrays: dict[str, np.ndarray] | None = None) -> "ClipRecord":
+                    arrays: dict[str, np.ndarray] | None = None) -> ClipRecord:
         """Encodes uint8 ``(T, H, W, 3)`` frames into a record."""
         frames = np.asarray(frames)
         return cls(frames=[encode_image(f, image_format, quality) for f in frames], fps=float(fps),

@@ -36,7 +36,8 @@ channel         meaning                                                       ra
 
 :func:`sample_motion` draws smooth trajectories (sums of a few random
 low-frequency sinusoids per channel, 0.05-0.6 Hz, a little faster for
-``mouth_open``, plus occasional blinks that are short raised-cosine pulses).  ``amplitude`` multiplies the excursions; ranges of
+``mouth_open``, plus occasional blinks that are short raised-cosine pulses).  ``amplitude`` multiplies the
+excursions; ranges of
 the bounded channels (``[0, 1]`` and ``[-1, 1]``) are clipped.  Because the
 random draws do not depend on ``num_frames``, a longer trajectory with the
 same seed extends a shorter one.
@@ -96,7 +97,7 @@ import colorsys
 import dataclasses
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -284,7 +285,7 @@ class Identity:
         return np.asarray(values, np.float32)
 
     @classmethod
-    def from_vector(cls, v) -> "Identity":
+    def from_vector(cls, v) -> Identity:
         """Inverse of :meth:`to_vector` (``hair_style`` is rounded to an int)."""
         v = np.asarray(v, np.float32).reshape(-1)
         if v.shape[0] != len(IDENTITY_NAMES):
@@ -673,7 +674,8 @@ class _Model:
         ])
         parts = [body]
         for sx in (-1.0, 1.0):
-            parts.append(self.surface(sx * 0.45 * w + 0.2 * w * _COS[14], ty + 0.02 * b + 0.045 * w * _SIN[14], 0.35 * L))
+            parts.append(self.surface(sx * 0.45 * w + 0.2 * w * _COS[14], ty + 0.02 * b + 0.045 * w * _SIN[14],
+                                      0.35 * L))
         parts.append(self.surface(0.3 * w * _COS[14], ty - 0.03 * b + 0.22 * w * _SIN[14], L))
         ends = np.cumsum([len(p_) for p_ in parts])
         self.nose_pts = np.concatenate(parts)
@@ -955,7 +957,7 @@ class _Geom:
         return self.add(np.concatenate([x, x[::-1]]), np.concatenate([y_top, y_bot[::-1]]), lift)
 
     def resolve(self, md: _Model, cam: _Camera) -> None:
-        xs, ys, ls = (np.concatenate(p) for p in zip(*self._parts))
+        xs, ys, ls = (np.concatenate(p) for p in zip(*self._parts, strict=True))
         self.p3 = md.surface(xs, ys, ls)
         self.px = cam.project(self.p3)
 
@@ -1095,7 +1097,7 @@ def _draw_hair_back(img, cam: _Camera, md: _Model) -> None:
             pos = np.linspace(0.0, cum[-1], n, endpoint=False)
             xs, ys = np.interp(pos, cum, closed[:, 0]), np.interp(pos, cum, closed[:, 1])
             disc = np.stack([r * _COS[12], r * _SIN[12]], 1)
-            for x, y in zip(xs, ys):
+            for x, y in zip(xs, ys, strict=True):
                 _fill(img, disc + (x, y), md.col_hair_back)
     # Back of the hair cap (occluded by the face where they overlap).
     _fill_hull(img, cam.project(md.cap_pts), md.col_hair_back)

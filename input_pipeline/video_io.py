@@ -241,7 +241,7 @@ class VideoReader:
             self._cap.release()
             self._cap = None
 
-    def __enter__(self) -> "VideoReader":
+    def __enter__(self) -> VideoReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -336,7 +336,7 @@ class VideoWriter:
                 os.remove(self._tmp)
             self._tmp = None
 
-    def __enter__(self) -> "VideoWriter":
+    def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

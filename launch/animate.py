@@ -1,10 +1,14 @@
 r"""Animate, edit and manipulate real portraits and videos with a trained or converted model.
 
     python launch/animate.py liax --checkpoint=CKPT --source=face.jpg --driving=talk.mp4 --output=out.mp4
-    python launch/animate.py liax --checkpoint=CKPT --mode=img_edit --source=face.jpg --edit=yaw=-0.3,mouth=0.2 --output=edit.png
-    python launch/animate.py liax --checkpoint=CKPT --mode=vid_edit --driving=talk.mp4 --edit=eyes=-0.3 --output=edit.mp4
-    python launch/animate.py liax --checkpoint=CKPT --mode=manipulation --source=face.jpg --edit=smile=0.3 --output=sweep.mp4
-    python launch/animate.py liax --checkpoint=CKPT --mode=interpolation --source=face.jpg --driving=a.jpg --driving=b.jpg --output=morph.mp4
+    python launch/animate.py liax --checkpoint=CKPT --mode=img_edit --source=face.jpg \
+        --edit=yaw=-0.3,mouth=0.2 --output=edit.png
+    python launch/animate.py liax --checkpoint=CKPT --mode=vid_edit --driving=talk.mp4 \
+        --edit=eyes=-0.3 --output=edit.mp4
+    python launch/animate.py liax --checkpoint=CKPT --mode=manipulation --source=face.jpg \
+        --edit=smile=0.3 --output=sweep.mp4
+    python launch/animate.py liax --checkpoint=CKPT --mode=interpolation --source=face.jpg \
+        --driving=a.jpg --driving=b.jpg --output=morph.mp4
 
 Modes (the official equations, ``liax_jax/inference.py``):
 
@@ -228,13 +232,15 @@ class Job:
 
     def __init__(self, args, runner=None, metadata: dict | None = None):
         """``runner``/``metadata``: an already loaded model (benchmarks, notebooks); else ``--checkpoint``."""
+        from launch import loading  # noqa: PLC0415
         from liax_jax import inference  # noqa: PLC0415
 
         self.args = args
         self.inference = inference
+        found = None
         if runner is None:
-            found, config, metadata = inference.read_checkpoint_info(args.checkpoint, args.dtype)
-            self.checkpoint = found.path
+            found = loading.read_liax(args.checkpoint, args.dtype)
+            config, metadata, self.checkpoint = found.config, found.metadata, found.path
         else:
             config, self.checkpoint = runner.model.config, args.checkpoint
             metadata = {"directions": {}, "mouth_directions": [], **(metadata or {})}
@@ -272,7 +278,7 @@ class Job:
                     image = video_io.read_image(path)
                     self.keyframes.append(self.framer(image, path).crop(image))
         if runner is None:
-            runner, _ = inference.load(args.checkpoint, dtype=args.dtype, chunk_size=args.chunk_size)
+            runner, _ = loading.load_liax(found, chunk_size=args.chunk_size)
         self.runner = runner
 
     # ------------------------------------------------------------------------------------- outputs
@@ -327,7 +333,7 @@ class Job:
                 return anim(x)
 
             for (chunk, _), out in pipelined(stream, dispatch):
-                for full, result in zip(chunk, out):
+                for full, result in zip(chunk, out, strict=True):
                     if mode == "animation":
                         yield result, self.source_framing, self.source, [self._shown(self.source, self.source_framing),
                                                                          self._shown(full, framing)]
@@ -339,7 +345,7 @@ class Job:
             out = inf.edit_image(run, src, self.ids, self.values)
         elif mode == "manipulation":
             mouth = set(self.metadata["mouth_directions"])
-            repeat = any(i in mouth and v != 0 for i, v in zip(self.ids, self.values))
+            repeat = any(i in mouth and v != 0 for i, v in zip(self.ids, self.values, strict=True))
             out = inf.manipulate(run, src, self.ids, self.values, steps=args.steps, repeat_positive=repeat)
         else:
             keys = jnp.asarray(portrait.to_model(np.stack(self.keyframes)))

@@ -124,8 +124,8 @@ def restore_model_params(found: ModelCheckpoint, abstract_params: dict, train_it
 
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract_params = jax.tree.map(
-        lambda x: x if getattr(x, "sharding", None) is not None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        abstract_params)
+        lambda x: x if getattr(x, "sharding", None) is not None
+        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params)
     try:
         if found.kind == "params":
             return load_params(found.path, abstract_params)[1]
@@ -222,9 +222,10 @@ class TrainCheckpointer:
         return None
 
     def _quarantine(self, step: int) -> None:
-        import jax  # noqa: PLC0415
         import shutil  # noqa: PLC0415
         import time  # noqa: PLC0415
+
+        import jax  # noqa: PLC0415
 
         if jax.process_index() != 0:
             return

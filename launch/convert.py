@@ -38,6 +38,14 @@ OFFICIAL_LIAX_DIRECTIONS = {"yaw1": 37, "yaw2": 39, "pitch": 28, "roll1": 15, "r
 OFFICIAL_LIAX_MOUTH_DIRECTIONS = [6, 25, 16, 19]
 
 
+def _conversion_error(error: Exception, path: str):
+    """A :class:`UserError` from a conversion error, naming ``path`` once (some messages already do)."""
+    from input_pipeline.errors import UserError  # noqa: PLC0415
+
+    message = str(error)
+    return UserError(message) if os.fspath(path) in message else UserError(message, path)
+
+
 def convert_liax(args) -> None:
     import dataclasses  # noqa: PLC0415
 
@@ -81,7 +89,7 @@ def convert_liax(args) -> None:
     try:
         model = convert.load_official(args.torch_checkpoint, config)
     except convert.ConversionError as e:
-        raise UserError(str(e), args.torch_checkpoint) from e
+        raise _conversion_error(e, args.torch_checkpoint) from e
     _, state = nnx.split(model)
     official = (args.resolution, args.scale, args.motion_dim, args.norm_groups) == (512, 2.0, 40, 32)
     metadata = {"source": os.path.abspath(args.torch_checkpoint),
@@ -109,32 +117,29 @@ def export_liax_run(args) -> None:
 
     from flax import nnx  # noqa: PLC0415
 
-    from launch import checkpointing  # noqa: PLC0415
-    from liax_jax import inference  # noqa: PLC0415
+    from launch import checkpointing, loading  # noqa: PLC0415
 
-    runner, metadata = inference.load(args.from_train)
-    found = checkpointing.find_model_checkpoint(args.from_train)
+    weights = loading.read_liax(args.from_train)
+    runner, metadata = loading.load_liax(weights)
+    found = weights.checkpoint
     names = _directions_flag(args.directions) if args.directions else \
         {k: list(v) if len(v) > 1 else v[0] for k, v in metadata["directions"].items()}
     info = {"source": found.path, "step": found.step, "directions": names, "mouth_directions": []}
     _, state = nnx.split(runner.model)
-    checkpointing.save_params(args.output, "liax", dataclasses.asdict(runner.model.config), nnx.to_pure_dict(state), info)
+    checkpointing.save_params(args.output, "liax", dataclasses.asdict(runner.model.config), nnx.to_pure_dict(state),
+                              info)
     print(f"wrote the LIA-X generator of {found.path} (step {found.step}) to {args.output}")
 
 
 def convert_vgg19(args) -> None:
-    from input_pipeline.errors import UserError  # noqa: PLC0415
     from launch import checkpointing  # noqa: PLC0415
     from liax_jax import convert, vgg  # noqa: PLC0415
 
     try:
         state = convert.read_state_dict(args.torch_checkpoint)
-    except convert.ConversionError as e:  # the message already names the file
-        raise UserError(str(e)) from e
-    try:
         params = vgg.from_torchvision(state)
     except convert.ConversionError as e:
-        raise UserError(str(e), args.torch_checkpoint) from e
+        raise _conversion_error(e, args.torch_checkpoint) from e
     metadata = {"source": os.path.basename(args.torch_checkpoint), "ignored_keys": vgg.ignored_keys(state)}
     checkpointing.save_params(args.output, "vgg19", {"channel_scale": 1.0}, params, metadata)
     print(f"wrote VGG19 params ({args.torch_checkpoint}) to {args.output}")
@@ -160,7 +165,7 @@ def convert_sd(args) -> None:
              if folder]
     if not parts:
         raise UserError("give at least one of --unet, --vae, --clip")
-    for name, folder, kind in parts:
+    for _, folder, _ in parts:
         if not os.path.isdir(folder):
             raise UserError("no such folder", folder)
     for name, folder, kind in parts:

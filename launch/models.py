@@ -8,9 +8,10 @@ A model package's training module exposes ``make_task(config) -> task`` where ``
   (e.g. VGG19); the runtime loads each params checkpoint from ``path`` replicated;
 * ``train_step(state, frozen, batch, step, rng) -> (state, metrics)``: one optimisation step; ``metrics``
   are scalars and always include ``loss`` (the generator's total loss);
-* ``eval_step(state, frozen, batch) -> {name: (B,) per-example values}``; a batch may carry ``target``
-  (cross-identity data) and otherwise the target is the driving frame;
-* ``sample_images(state, frozen, batch) -> {column: (B, H, W, 3) images in [-1, 1]}`` for summaries;
+* ``eval_step(state, frozen, batch) -> ({name: (B,) per-example values}, {column: (B, H, W, 3) images
+  in [-1, 1]})``: metrics and the sample columns for summaries from one forward pass (the runtime keeps
+  the images of the first batch of each eval set only); a batch may carry ``target`` (cross-identity
+  data) and otherwise the target is the driving frame;
 * ``describe(state) -> str``: a one-line summary (parameter counts) for the log.
 """
 

@@ -34,7 +34,8 @@ flags.DEFINE_enum("on_missing_face", "error", ["error", "center"],
 flags.DEFINE_float("crop_scale", 2.0, "Crop side relative to the median face size.")
 flags.DEFINE_enum("image_format", "jpeg", ["jpeg", "png"], "Frame encoding.")
 flags.DEFINE_integer("quality", 95, "JPEG quality.")
-flags.DEFINE_float("eval_fraction", 0.05, "Fraction of videos (or synthetic clips) held out as 'eval'.")
+flags.DEFINE_float("eval_fraction", 0.05, "Fraction of videos (or synthetic clips) held out as 'eval'; with two "
+                   "or more videos and a fraction > 0, at least one video is held out and one trains.")
 flags.DEFINE_integer("max_frames", 0, "Read at most this many frames per video (0: all).")
 flags.DEFINE_integer("videos_per_shard", 16, "Videos per shard group (synthetic: 64 clips per shard).")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic clips.")
@@ -62,7 +63,15 @@ def main(argv):
     else:
         info = building.prepare_videos(building.resolve_inputs(F.input), F.output, options,
                                        videos_per_shard=F.videos_per_shard)
-    print(json.dumps({"output": F.output, "num_clips": info["num_clips"], "skipped": len(info["skipped"])}))
+    unit = "clip" if F.synthetic else "video"
+    for split in building.SPLITS:
+        n, clips = info["num_sources"][split], info["num_clips"][split]
+        print(f"{split}: {n} {unit}{'s' * (n != 1)}, {clips} clip{'s' * (clips != 1)}")
+    if F.eval_fraction > 0 and info["num_clips"]["eval"] == 0:
+        print("warning: the eval split is empty (too few usable videos); train with --config.eval_every_steps=0 "
+              "or add videos", file=sys.stderr)
+    print(json.dumps({"output": F.output, "num_clips": info["num_clips"], "num_sources": info["num_sources"],
+                      "skipped": len(info["skipped"])}))
     if F.tfds_dir:
         from input_pipeline import tfds_talking_heads  # noqa: PLC0415
         tfds_talking_heads.build(F.output, F.tfds_dir)

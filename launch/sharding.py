@@ -33,16 +33,17 @@ def mesh_shape(mesh_config: Mapping, num_devices: int) -> tuple[int, ...]:
     """Axis sizes for ``num_devices``; one ``-1`` fills what is left. The product may be < num_devices."""
     sizes = [int(mesh_config.get(a, 1)) for a in AXES]
     if sum(s == -1 for s in sizes) > 1:
-        raise UserError(f"mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}", "config.mesh")
+        raise UserError(f"mesh: at most one axis may be -1, got {dict(zip(AXES, sizes, strict=True))}", "config.mesh")
     if any(s == 0 or s < -1 for s in sizes):
-        raise UserError(f"mesh: axis sizes must be positive or -1, got {dict(zip(AXES, sizes))}", "config.mesh")
+        raise UserError(f"mesh: axis sizes must be positive or -1, got {dict(zip(AXES, sizes, strict=True))}",
+                        "config.mesh")
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % fixed:
             raise UserError(f"mesh: {num_devices} devices do not divide by the fixed axes {fixed}", "config.mesh")
         sizes[sizes.index(-1)] = num_devices // fixed
     if math.prod(sizes) > num_devices:
-        raise UserError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
+        raise UserError(f"mesh {dict(zip(AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
                         f"only {num_devices} available", "config.mesh")
     return tuple(sizes)
 
@@ -74,7 +75,7 @@ def logical_to_mesh_spec(names: Sequence | None, shape: Sequence[int], mesh: jax
         table.setdefault(logical, physical)
     used: set[str] = set()
     spec = []
-    for name, size in zip(names, shape):
+    for name, size in zip(names, shape, strict=True):
         physical = table.get(name) if name is not None else None
         if physical is None:
             spec.append(None)

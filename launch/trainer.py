@@ -35,10 +35,19 @@ class TrainingDiverged(UserError):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag checked at step boundaries (so the save happens between steps)."""
+    """Turns SIGTERM into a flag checked at step boundaries (so the save happens between steps).
 
-    def __init__(self):
+    With several processes every one must agree to stop before the collective save, which takes a host
+    all-gather; that call blocks the host until every process reaches it (it stalls the asynchronous
+    dispatch of the next step), so it runs only every ``check_every`` steps. The trade-off: after SIGTERM
+    up to ``check_every - 1`` more steps run before the save, so ``check_every`` x step time must stay
+    well inside the scheduler's grace period (about 30 s on preemptible TPU VMs). One process checks its
+    own flag at every step, at no cost.
+    """
+
+    def __init__(self, check_every: int = 10):
         self.requested = False
+        self.check_every = max(int(check_every), 1)
         self._previous = None
 
     def __enter__(self):
@@ -56,10 +65,13 @@ class _Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def any_process(self) -> bool:
-        """True when any process got SIGTERM (all processes must agree before the collective save)."""
+    def any_process(self, step: int) -> bool:
+        """True when any process got SIGTERM; with several processes only decided every ``check_every``
+        steps (the same steps on every process, so all of them take part in each all-gather)."""
         if jax.process_count() == 1:
             return self.requested
+        if step % self.check_every:
+            return False
         from jax.experimental import multihost_utils  # noqa: PLC0415
         flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
         return bool(np.any(flags))
@@ -80,7 +92,9 @@ def _check_batch(config, mesh) -> int:
     return config.batch_size // procs
 
 
-def _make_data(config, per_process: int):
+def _make_data(config, per_process: int, with_eval: bool):
+    """The training iterator and the eval batch sets (none when evaluation is off: the eval split is then
+    never opened, so a dataset without one trains)."""
     from input_pipeline import pipeline  # noqa: PLC0415
 
     d = config.data
@@ -91,10 +105,18 @@ def _make_data(config, per_process: int):
                                 max_gap=d.max_gap)
     train_it = pipeline.make_iterator(ds, worker_count=d.worker_count, read_threads=d.read_threads,
                                       prefetch=d.prefetch)
+    if not with_eval:
+        logging.info("train data: %r; evaluation off (eval_every_steps <= 0)", train_source)
+        return train_it, {}
     e = config.eval
-    eval_source = pipeline.open_source(d.path, "eval", synthetic_clips=d.synthetic_eval_clips,
-                                       synthetic_frames=d.synthetic_frames, synthetic_size=d.resolution,
-                                       seed=config.seed)
+    try:
+        eval_source = pipeline.open_source(d.path, "eval", synthetic_clips=d.synthetic_eval_clips,
+                                           synthetic_frames=d.synthetic_frames, synthetic_size=d.resolution,
+                                           seed=config.seed)
+    except pipeline.EmptySplitError as err:
+        raise UserError("the 'eval' split of this dataset is empty: re-prepare it with launch/prepare_data.py "
+                        "--eval_fraction=0.1 (with two or more videos at least one is then held out) or train "
+                        "without evaluation with --config.eval_every_steps=0", err.path) from err
     eval_sets = {"": pipeline.eval_batches(eval_source, batch_size=per_process, num_batches=e.num_batches,
                                            resolution=d.resolution, seed=config.seed + 17)}
     if not d.path and e.cross_identity_batches > 0:
@@ -156,21 +178,17 @@ class Runtime:
             return {"step": step + 1, "rng": state["rng"], "model": model}, m
 
         def eval_step(state, frozen, batch):
-            per_example = task.eval_step(state["model"], frozen, batch)
+            per_example, images = task.eval_step(state["model"], frozen, batch)
             sums = {k: jnp.sum(v.astype(jnp.float32)) for k, v in per_example.items()}
             count = next(iter(per_example.values())).shape[0]
-            return sums, jnp.asarray(count, jnp.float32)
-
-        def samples(state, frozen, batch):
-            return task.sample_images(state["model"], frozen, batch)
+            return sums, jnp.asarray(count, jnp.float32), images
 
         self.train_step = jax.jit(train_step, in_shardings=(self.shardings, frozen_sh, batch_sh),
                                   out_shardings=(self.shardings, repl), donate_argnums=(0,))
         self.eval_step = jax.jit(eval_step, in_shardings=(self.shardings, frozen_sh, batch_sh),
-                                 out_shardings=(repl, repl))
-        self.samples = jax.jit(samples, in_shardings=(self.shardings, frozen_sh, batch_sh), out_shardings=repl)
+                                 out_shardings=(repl, repl, repl))
 
-        self.train_it, self.eval_sets = _make_data(config, self.per_process)
+        self.train_it, self.eval_sets = _make_data(config, self.per_process, int(config.eval_every_steps) > 0)
         self.checkpointer = checkpointing.TrainCheckpointer(os.path.join(self.workdir, "checkpoints"),
                                                             max_to_keep=config.checkpoint_keep)
         self.writer = metrics.create_writer(self.workdir, is_main=self.is_main)
@@ -191,30 +209,34 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self, step: int, state) -> dict[str, float]:
-        results = {}
+        """Eval metrics over every eval set, and a sample grid from the first batch of each (same pass)."""
+        results, grids = {}, {}
         for prefix, batches in self.eval_sets.items():
             sums, count = None, 0.0
-            for batch in batches:
-                s, c = self.eval_step(state, self.frozen, self.global_batch(batch))
+            for i, batch in enumerate(batches):
+                s, c, images = self.eval_step(state, self.frozen, self.global_batch(batch))
                 s, c = jax.device_get((s, c))
+                if i == 0:
+                    grids[prefix] = self._grid(jax.device_get(images))
                 sums = s if sums is None else {k: sums[k] + s[k] for k in sums}
                 count += float(c)
             for k, v in sums.items():
                 results[f"eval/{prefix}{k}"] = float(v) / count
         self.writer.write_scalars(step, results)
-        self.write_samples(step, state)
+        self.write_samples(step, grids)
         logging.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
         return results
 
-    def write_samples(self, step: int, state) -> None:
+    def _grid(self, out: dict) -> np.ndarray:
+        order = list(getattr(self.task, "sample_columns", ())) + sorted(out)  # jit returns keys sorted
+        cols = {k: np.asarray(out[k]) for k in dict.fromkeys(order) if k in out}
+        return metrics.image_grid(cols, max_rows=self.config.eval.sample_rows)
+
+    def write_samples(self, step: int, grids: dict[str, np.ndarray]) -> None:
         from input_pipeline import video_io  # noqa: PLC0415
 
         images = {}
-        for prefix, batches in self.eval_sets.items():
-            out = jax.device_get(self.samples(state, self.frozen, self.global_batch(batches[0])))
-            order = list(getattr(self.task, "sample_columns", ())) + sorted(out)  # jit returns keys sorted
-            cols = {k: np.asarray(out[k]) for k in dict.fromkeys(order) if k in out}
-            grid = metrics.image_grid(cols, max_rows=self.config.eval.sample_rows)
+        for prefix, grid in grids.items():
             images[f"samples/{prefix or 'self_'}reenactment"] = grid[None]
             if self.is_main:
                 path = os.path.join(self.workdir, "samples", f"{prefix or 'self_'}step_{step:07d}.png")
@@ -261,12 +283,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if not _finite(m["loss"]):
             rt.checkpointer.wait()
             good = rt.checkpointer.latest_step()
-            kept = f"the last good checkpoint (step {good}) is kept" if good is not None else "no checkpoint was written"
+            kept = (f"the last good checkpoint (step {good}) is kept" if good is not None
+                    else "no checkpoint was written")
             raise TrainingDiverged(f"train/loss is {float(jax.device_get(m['loss']))} at step {s}: training "
                                    f"diverged and stops; {kept}", os.path.join(workdir, "checkpoints"))
 
     try:
-        with _Preemption() as preemption:
+        with _Preemption(config.get("preemption_check_every", 10)) as preemption:
             while step < total:
                 batch = rt.global_batch(next(rt.train_it))
                 if nan_step and step + 1 == nan_step:  # fault injection for tests: poison the weights
@@ -293,7 +316,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if eval_every > 0 and (step % eval_every == 0 or final):
                     check(step, m)
                     last_eval = rt.evaluate(step, state)
-                stop = preemption.any_process()
+                stop = preemption.any_process(step)
                 if step % config.checkpoint_every_steps == 0 or final or stop:
                     check(step, m)
                     rt.save(step, state)
@@ -318,4 +341,6 @@ def _fmt_time(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

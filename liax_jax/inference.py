@@ -1,6 +1,7 @@
 """LIA-X inference: the official ``edit_img`` / ``animate`` / ``edit_vid`` / ``interpolate_img`` equations,
 plus latent motion interpolation, on arrays (NHWC, [-1, 1]). File I/O and framing live in
-:mod:`input_pipeline.portrait`; ``launch/animate.py`` joins both into the command line tool.
+:mod:`input_pipeline.portrait`, loading weights from disk in :mod:`launch.loading`; ``launch/animate.py``
+joins them into the command line tool.
 
 Notation (``shared/reference/liax_official.md`` §4): E = encoder, A = motion head, D(a) = a Q^T, and
 delta = zeros(M) with ``delta[id] += value`` for each edit. The decoder always uses the source's features.
@@ -11,7 +12,6 @@ delta = zeros(M) with ``delta[id] += value`` for each edit. The decoder always u
 * :func:`edit_video`: ``animate`` with the video's own frame 0 as the source.
 * :func:`manipulate`: 64 frames ``z_s + D(A(z_s) + v_k)`` along the official ping-pong schedule.
 * :func:`interpolate`: the source driven by motion linearly interpolated between keyframes.
-* :func:`load`: a model from a params checkpoint (``launch/convert.py``) or a training run.
 
 Everything runs through a :class:`Runner`: jitted programs over the split model (graphdef + state) with
 batches padded to ``chunk_size``, so a video of any length compiles once; the same functions serve float64
@@ -111,7 +111,8 @@ class Runner:
             raise ValueError(f"{n} rows exceed chunk_size {self.chunk_size}")
         zero = jnp.zeros((1, self.motion_dim), alpha_s_edit.dtype)
         rows = [_pad_to(jnp.broadcast_to(a, (n, a.shape[1])) if a.shape[0] == 1 else a, self.chunk_size)
-                for a in (alpha_s_edit, zero if alpha_rel is None else alpha_rel, zero if alpha_ref is None else alpha_ref)]
+                for a in (alpha_s_edit, zero if alpha_rel is None else alpha_rel,
+                          zero if alpha_ref is None else alpha_ref)]
         if z_s.shape[0] > 1:  # one source per row
             z_s, feats = _pad_to(z_s, self.chunk_size), [_pad_to(f, self.chunk_size) for f in feats]
         out = _render(self.graphdef, intermediates, self.state, self.directions, z_s, feats, *rows)
@@ -139,7 +140,7 @@ def make_delta(motion_ids: Sequence[int], motion_values: Sequence[float], motion
         raise ValueError(f"{len(motion_ids)} motion ids but {len(motion_values)} values")
     values = np.asarray(motion_values, np.float32 if float32_rounded else np.float64).astype(np.float64)
     delta = np.zeros((1, motion_dim), np.float64)
-    for i, v in zip(motion_ids, values):
+    for i, v in zip(motion_ids, values, strict=True):
         if not 0 <= int(i) < motion_dim:
             raise ValueError(f"motion id {i} out of range [0, {motion_dim})")
         delta[0, int(i)] += v
@@ -176,7 +177,7 @@ def _render_rows(run: Runner, z, feats, alpha_s_edit, alpha_rel=None, alpha_ref=
     n = max(x.shape[0] for x in (alpha_s_edit, alpha_rel, alpha_ref) if x is not None)
     outs = []
     for s in range(0, n, run.chunk_size):
-        part = lambda a: a if a is None or a.shape[0] == 1 else a[s:s + run.chunk_size]  # noqa: E731
+        part = lambda a: a if a is None or a.shape[0] == 1 else a[s:s + run.chunk_size]  # noqa: E731, B023 - called at once
         outs.append(run.render(z, feats, part(alpha_s_edit), part(alpha_rel), part(alpha_ref), intermediates))
     if not intermediates:
         return jnp.concatenate(outs)
@@ -282,7 +283,8 @@ def manipulation_schedule(motion_values: Sequence[float], steps: int = MANIPULAT
     return np.stack(out)
 
 
-def manipulate(model, source, motion_ids, motion_values, chunk_size: int | None = None, *, steps: int = MANIPULATION_STEPS,
+def manipulate(model, source, motion_ids, motion_values, chunk_size: int | None = None, *,
+               steps: int = MANIPULATION_STEPS,
                repeat_positive: bool | None = None):
     """The official ``manipulation`` mode: ``4 * steps`` frames of one source image sweeping the edits
     (frame k: ``z_s + D(A(z_s) + delta_k)``, see :func:`manipulation_schedule`)."""
@@ -307,7 +309,8 @@ def interpolation_weights(num_keyframes: int, steps: int) -> np.ndarray:
     return w
 
 
-def interpolate(model, source, keyframes, steps: int = 16, motion_ids=(), motion_values=(), chunk_size: int | None = None):
+def interpolate(model, source, keyframes, steps: int = 16, motion_ids=(), motion_values=(),
+                chunk_size: int | None = None):
     """Latent motion interpolation: the source animated by motion that moves linearly between keyframes.
 
     ``keyframes`` (K >= 2, R, R, 3) are driving images (e.g. two frames of a video, or two photos). Frame
@@ -381,51 +384,3 @@ def parse_edits(spec: str, names: dict[str, tuple[int, ...]], motion_dim: int) -
             ids.append(t)
             values.append(v)
     return ids, values
-
-
-def read_checkpoint_info(checkpoint: str, dtype: str | None = None):
-    """``(found, LiaXConfig, metadata)`` of LIA-X weights on disk, reading only JSON (cheap; validates).
-
-    Metadata keys: ``directions`` (name -> ids, see :func:`direction_names`; a training run takes them
-    from its config's ``directions``), ``mouth_directions`` (ids whose edits make the manipulation sweep
-    swing positive twice) and, for a training run, ``step``. Raises
-    :class:`~input_pipeline.errors.UserError` naming the checkpoint.
-    """
-    from input_pipeline.errors import UserError  # noqa: PLC0415
-    from launch import checkpointing  # noqa: PLC0415
-    from liax_jax.model import LiaXConfig  # noqa: PLC0415
-
-    found = checkpointing.find_model_checkpoint(checkpoint)
-    if found.model != "liax":
-        raise UserError(f"holds a {found.model or 'unknown'!r} model checkpoint, not LIA-X", found.path)
-    cfg = dict(found.config)
-    if dtype:
-        cfg["dtype"] = dtype
-    try:
-        config = LiaXConfig.from_config(cfg)
-        metadata = dict(found.metadata)
-        if found.kind == "train":
-            metadata["directions"] = found.train_config.get("directions", "")
-            metadata["step"] = found.step
-        metadata["directions"] = direction_names(metadata.get("directions"))
-        metadata["mouth_directions"] = [int(i) for i in metadata.get("mouth_directions", [])]
-    except (ValueError, TypeError) as e:
-        raise UserError(f"bad model description: {e}", found.path) from e
-    return found, config, metadata
-
-
-def load(checkpoint: str, *, dtype: str | None = None, chunk_size: int = 8) -> tuple[Runner, dict]:
-    """A :class:`Runner` for LIA-X weights on disk, and their metadata (:func:`read_checkpoint_info`).
-
-    ``checkpoint``: a params checkpoint (``launch/convert.py``) or a training workdir / its
-    ``checkpoints/`` / one step folder (``launch/train.py``; only the generator is read, not the
-    optimizer or discriminator). ``dtype`` overrides the compute dtype (``float32`` or ``bfloat16``).
-    """
-    from launch import checkpointing  # noqa: PLC0415
-
-    found, config, metadata = read_checkpoint_info(checkpoint, dtype)
-    abstract = nnx.eval_shape(lambda: LiaX(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    params = checkpointing.restore_model_params(found, nnx.to_pure_dict(abstract_state), ("model", "generator"))
-    nnx.replace_by_pure_dict(abstract_state, params)
-    return Runner(nnx.merge(graphdef, abstract_state), chunk_size), metadata

@@ -25,9 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from liax_jax.ops import (SQRT2, ConvLayer, EqualConv2d, EqualLinear, ModelConfig, ModulatedConv2d, StyledConv, _Base,
-                          fir_kernel, grid_sample_align_corners, group_norm, upsample2x)
-
+from liax_jax.ops import (
+    SQRT2,
+    ConvLayer,
+    EqualConv2d,
+    EqualLinear,
+    ModelConfig,
+    ModulatedConv2d,
+    StyledConv,
+    _Base,
+    fir_kernel,
+    grid_sample_align_corners,
+    group_norm,
+    upsample2x,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +329,7 @@ class LiaX(nnx.Module):
         h = d.conv1(h, latent)
         render = flow = rgb = None
         flows, rgbs = [], []
-        for level, feat in zip(d.levels, feats):
+        for level, feat in zip(d.levels, feats, strict=True):
             h, render, flow, rgb = level(h, latent, feat, render, flow, rgb)
             flows.append(flow)
             rgbs.append(rgb)

@@ -65,7 +65,7 @@ NO_VGG_HINT = ("the perceptual loss needs ImageNet VGG19 weights: convert torchv
 
 
 class LiaXTask:
-    """init / train_step / eval_step / sample_images for LIA-X (see :mod:`launch.models`)."""
+    """init / train_step / eval_step for LIA-X (see :mod:`launch.models`)."""
 
     name = "liax"
     sample_columns = ("source", "driving", "prediction", "target")
@@ -189,6 +189,7 @@ class LiaXTask:
         return src, drv, target
 
     def eval_step(self, state, frozen, batch):
+        """Per-example metrics and the sample columns of one batch, from one reconstruction."""
         del frozen
         src, drv, target = self._eval_inputs(batch)
         pred, _ = self.reconstruct(state["generator"], src, drv)
@@ -196,18 +197,11 @@ class LiaXTask:
         per_example_l1 = lambda a, b: jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))  # noqa: E731
         out = {"l1": per_example_l1(pred, target), "psnr": losses.psnr(pred, target),
                "ssim": losses.ssim(pred, target), "l1_copy_source": per_example_l1(src, target)}
+        cols = {"source": src, "driving": drv, "prediction": pred}
         if "target" in batch:
             out["l1_copy_driving"] = per_example_l1(drv, target)
-        return out
-
-    def sample_images(self, state, frozen, batch):
-        del frozen
-        src, drv, target = self._eval_inputs(batch)
-        pred, _ = self.reconstruct(state["generator"], src, drv)
-        cols = {"source": src, "driving": drv, "prediction": jnp.clip(pred, -1.0, 1.0)}
-        if "target" in batch:
             cols["target"] = target
-        return cols
+        return out, cols
 
 
 def make_task(config) -> LiaXTask:

@@ -67,7 +67,7 @@ def init_params(rng: jax.Array, channel_scale: float = 1.0) -> dict:
     sizes = [9 * cin * cout for cin, cout in shapes.values()]
     noise = jax.random.normal(rng, (sum(sizes),), jnp.float32)
     params, start = {}, 0
-    for (name, (cin, cout)), size in zip(shapes.items(), sizes):
+    for (name, (cin, cout)), size in zip(shapes.items(), sizes, strict=True):
         kernel = noise[start:start + size].reshape(3, 3, cin, cout) * math.sqrt(2.0 / (9 * cin))
         params[name] = {"kernel": kernel, "bias": jnp.zeros((cout,), jnp.float32)}
         start += size

@@ -45,7 +45,8 @@ def detector():
     return FaceDetector("short")
 
 
-def moving_photo_frames(image: np.ndarray, num_frames: int, size: int = 384, step: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def moving_photo_frames(image: np.ndarray, num_frames: int, size: int = 384,
+                        step: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """A 'video' made by sliding a ``size`` window over a photo: frames and the window offsets (x, y)."""
     frames, offsets = [], []
     for t in range(num_frames):

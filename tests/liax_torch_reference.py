@@ -42,7 +42,7 @@ LIA's training recipe (§6), whose ``state_dict`` keys follow the original modul
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -655,7 +655,7 @@ def make_delta(motion_ids: Sequence[int], motion_values: Sequence[float], motion
 
 
 def _cat_levels(per_chunk: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    return [torch.cat(level, dim=0) for level in zip(*per_chunk)]
+    return [torch.cat(level, dim=0) for level in zip(*per_chunk, strict=True)]
 
 
 @torch.no_grad()
@@ -691,8 +691,12 @@ def animate(G: Generator, src, drv, motion_ids, motion_values, chunk_size: int =
         alpha_t = G.alpha(z_t)
         latent = G.navigate(z_s, [alpha_t, alpha_s, alpha_start])
         img, inter = G.decode(latent, feats)
-        frames.append(img); zs.append(z_t); alphas.append(alpha_t); latents.append(latent)
-        logits.append(inter["flow_logits"]); rgbs.append(inter["rgb"])
+        frames.append(img)
+        zs.append(z_t)
+        alphas.append(alpha_t)
+        latents.append(latent)
+        logits.append(inter["flow_logits"])
+        rgbs.append(inter["rgb"])
     return {"video": torch.cat(frames), "z_s": z_s, "feats": feats, "alpha_s": alpha_s0, "delta": delta,
             "alpha_s_edit": alpha_s, "z_d0": z_d0, "alpha_start": alpha_start, "z_t": torch.cat(zs),
             "alpha_t": torch.cat(alphas), "latent": torch.cat(latents),
@@ -738,8 +742,10 @@ def interpolate_img(G: Generator, src, motion_ids, motion_values, chunk_size: in
     for start in range(0, deltas.shape[0], chunk_size):
         latent = G.navigate(z, [alpha + deltas[start:start + chunk_size]])
         img, inter = G.decode(latent, feats)
-        frames.append(img); latents.append(latent)
-        logits.append(inter["flow_logits"]); rgbs.append(inter["rgb"])
+        frames.append(img)
+        latents.append(latent)
+        logits.append(inter["flow_logits"])
+        rgbs.append(inter["rgb"])
     return {"video": torch.cat(frames), "z": z, "feats": feats, "alpha": alpha, "schedule": sched,
             "delta": deltas, "latent": torch.cat(latents), "flow_logits": _cat_levels(logits),
             "rgb": _cat_levels(rgbs)}

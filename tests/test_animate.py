@@ -55,7 +55,8 @@ def files(tmp_path_factory):
     model = _tiny_model()
     ckpt = str(d / "ckpt")
     checkpointing.save_params(ckpt, "liax", TINY, nnx.to_pure_dict(nnx.state(model)),
-                              {"directions": OFFICIAL_LIAX_DIRECTIONS, "mouth_directions": OFFICIAL_LIAX_MOUTH_DIRECTIONS})
+                              {"directions": OFFICIAL_LIAX_DIRECTIONS,
+                               "mouth_directions": OFFICIAL_LIAX_MOUTH_DIRECTIONS})
     other = str(d / "vgg")
     checkpointing.save_params(other, "vgg19", {"channel_scale": 1.0}, {"w": np.zeros(3, np.float32)})
     frames = synthetic.make_clip(seed=3, num_frames=DRIVING_FRAMES, size=80).frames
@@ -260,7 +261,8 @@ def _bad_inputs(files, d):
         "bad edit value": ([ck, f"--source={src}", f"--driving={drv}", "--edit=yaw=lots"], "--edit"),
         "edit index out of range": ([ck, f"--source={src}", f"--driving={drv}", "--edit=40=0.1"], "--edit"),
         "other model": ([f"--checkpoint={files['other']}", f"--source={src}", f"--driving={drv}"], files["other"]),
-        "missing checkpoint": ([f"--checkpoint={d / 'nockpt'}", f"--source={src}", f"--driving={drv}"], str(d / "nockpt")),
+        "missing checkpoint": ([f"--checkpoint={d / 'nockpt'}", f"--source={src}", f"--driving={drv}"],
+                               str(d / "nockpt")),
         "not a checkpoint": ([f"--checkpoint={empty_dir}", f"--source={src}", f"--driving={drv}"], str(empty_dir)),
         "missing driving flag": ([ck, f"--source={src}"], "--driving"),
         "paste-back without crop": ([ck, f"--source={src}", f"--driving={drv}", "--paste-back"], "--paste-back"),
@@ -319,7 +321,8 @@ def test_cli_subprocess(files, tmp_path):
                           f"--source={tmp_path / 'missing.png'}", f"--driving={files['driving']}",
                           f"--output={tmp_path / 'bad.mp4'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.png'}: no such file"]
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.png'}: no such file"]
     assert not (tmp_path / "bad.mp4").exists()
 
 

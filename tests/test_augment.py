@@ -332,7 +332,7 @@ def test_piecewise_field_is_affine_per_triangle(shape):
             verts, offs, name = (p00, p01, p11), (off[r, c], off[r + 1, c], off[r + 1, c + 1]), "B"
         lam = _barycentric((x, y), *verts)
         assert min(lam) >= -1e-9
-        d = sum(l * o for l, o in zip(lam, offs))
+        d = sum(weight * o for weight, o in zip(lam, offs, strict=True))
         np.testing.assert_allclose([mx[y, x], my[y, x]], [x + d[0], y + d[1]], atol=2e-4)
         checked[name] += 1
     assert checked["A"] > 50 and checked["B"] > 50

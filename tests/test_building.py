@@ -46,7 +46,8 @@ def test_prepare_synthetic_then_grain_pairs(synthetic_dir):
             # correctly paired: the ground-truth motion of the stored frames, and the stored pixels
             np.testing.assert_array_equal(batch["source_motion"][b], rec.arrays["motion"][i])
             np.testing.assert_array_equal(batch["driving_motion"][b], rec.arrays["motion"][j])
-            np.testing.assert_array_equal(batch["source"][b], pipeline._fit(rec.decode_frames([i]), rec.boxes[[i]], 32)[0][0])
+            stored = pipeline._fit(rec.decode_frames([i]), rec.boxes[[i]], 32)[0][0]
+            np.testing.assert_array_equal(batch["source"][b], stored)
 
 
 def test_rerun_skips_finished_shards(synthetic_dir):

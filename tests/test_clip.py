@@ -119,7 +119,7 @@ def test_parity_with_transformers_safetensors(name, tmp_path):
     _assert_close(got.image_embeds, want.image_embeds, "image_embeds")
     _assert_close(got.last_hidden_state, want.last_hidden_state, "last_hidden_state")
     assert len(got.hidden_states) == len(want.hidden_states) == config["num_hidden_layers"] + 1
-    for i, (g, w) in enumerate(zip(got.hidden_states, want.hidden_states)):
+    for i, (g, w) in enumerate(zip(got.hidden_states, want.hidden_states, strict=True)):
         _assert_close(g, w, f"hidden_states[{i}]")
     assert _run_jax(model, pixels).hidden_states is None  # only when asked
 

@@ -35,6 +35,7 @@ def test_readme_quickstart_matches_ci():
     commands = [line for line in block.splitlines() if line.strip()]
     assert len(commands) == 2
     assert "launch/train.py --config=configs/liax.py:tiny" in commands[0]
-    assert commands[1].index("torch==2.13.0") < commands[1].index(".[test,convert]") < commands[1].index("pytest")
+    order = [commands[1].index(part) for part in ("torch==2.13.0", ".[test,convert]", "ruff check .", "pytest")]
+    assert order == sorted(order)  # the lint gate runs before the tests
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert "README.md" in ci and "lines[1]" in ci  # CI executes the README's second command itself

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from liax_torch_reference import Generator, randomize_
 
 from conftest import ROOT
 from liax_jax import convert
 from liax_jax.model import LiaX, LiaXConfig, count_params
-from liax_torch_reference import Generator, randomize_
 
 
 def _config(variant):
@@ -60,7 +60,8 @@ def test_errors_name_the_key(tiny_state):
         convert.load_official(sd, TINY)
     sd = dict(tiny_state)
     sd["enc.enc_r2t.0.weight"] = np.zeros((41, 64), np.float32)
-    with pytest.raises(convert.ConversionError, match=r"key 'enc.enc_r2t.0.weight' has shape \(41, 64\), expected \(40, 64\)"):
+    with pytest.raises(convert.ConversionError,
+                       match=r"key 'enc.enc_r2t.0.weight' has shape \(41, 64\), expected \(40, 64\)"):
         convert.load_official(sd, TINY)
     sd = dict(tiny_state)
     sd["dec.rgb2.up.kernel"] = np.ones((4, 4), np.float32)
@@ -120,5 +121,12 @@ def test_convert_cli_round_trip(tmp_path, tiny_state):
     r = subprocess.run(cli + [f"--torch-checkpoint={pt}", f"--output={tmp_path}/other"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {pt}: missing key 'enc.enc_2r.block5.0.conv1.0.weight'")
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {pt}: missing key 'enc.enc_2r.block5.0.conv1.0.weight'")
+    assert not (tmp_path / "other").exists()
+    # a missing file names its path once
+    r = subprocess.run(cli + [f"--torch-checkpoint={tmp_path}/nope.pt", f"--output={tmp_path}/other"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path}/nope.pt: no such file"]
     assert not (tmp_path / "other").exists()

@@ -21,13 +21,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-
-from liax_jax import convert
-from liax_jax.discriminator import (Discriminator, DiscriminatorConfig, load_official, minibatch_stddev,
-                                    to_official)
-from liax_jax.model import count_params
 from liax_torch_reference import Discriminator as TorchDiscriminator
 from liax_torch_reference import randomize_
+
+from liax_jax import convert
+from liax_jax.discriminator import Discriminator, DiscriminatorConfig, load_official, minibatch_stddev, to_official
+from liax_jax.model import count_params
 
 TOL64 = 1e-10
 TOL32 = 1e-5
@@ -165,7 +164,7 @@ def test_loads_an_original_lia_checkpoint(tmp_path):
 def test_parameter_count_without_allocating():
     """The 256² discriminator of LIA (cm=1): 24,001,089 parameters (rosinality's cm=2 one: 28,864,129)."""
     for cm, expected in [(1, 24_001_089), (2, 28_864_129)]:
-        model = nnx.eval_shape(lambda: Discriminator(DiscriminatorConfig(256, channel_multiplier=cm),
+        model = nnx.eval_shape(lambda: Discriminator(DiscriminatorConfig(256, channel_multiplier=cm),  # noqa: B023
                                                      rngs=nnx.Rngs(0)))
         assert count_params(model) == expected
         entries = model.official_entries()

@@ -95,7 +95,7 @@ class TorchVGGLoss(nn.Module):
         loss = 0
         for down in self.pyramid:
             x_vgg, y_vgg = self.vgg(down(recon)), self.vgg(down(real))
-            for w, xf, yf in zip(self.weights, x_vgg, y_vgg):
+            for w, xf, yf in zip(self.weights, x_vgg, y_vgg, strict=True):
                 loss = loss + w * torch.abs(xf - yf.detach()).mean()
         return loss
 
@@ -157,7 +157,7 @@ def test_features_match_torch(narrow):
         want = ref(_nchw(x))
     assert [g.shape for g in got] == [tuple(w.permute(0, 2, 3, 1).shape) for w in want]
     assert got[-1].shape == (2, 3, 2, 128)  # 50x38 -> 25x19 -> 12x9 -> 6x4 -> 3x2
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert _rel_err(g, w.permute(0, 2, 3, 1).numpy()) < 1e-5  # measured <= 2.0e-6
 
 
@@ -168,7 +168,7 @@ def test_full_width_features_match_torch():
     got = jax.jit(vgg.features)(params, x)
     with torch.no_grad():
         want = ref(_nchw(x))
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert _rel_err(g, w.permute(0, 2, 3, 1).numpy()) < 1e-5  # measured <= 2.0e-6
 
 
@@ -190,9 +190,11 @@ def test_conversion_errors_name_the_key(narrow):
     with pytest.raises(ConversionError, match="missing key 'features.21.bias'"):
         vgg.from_torchvision(bad, SCALE)
     bad = dict(sd, **{"features.5.weight": np.zeros((32, 16, 5, 5), np.float32)})
-    with pytest.raises(ConversionError, match=r"key 'features.5.weight' has shape \(32, 16, 5, 5\), expected \(32, 16, 3, 3\)"):
+    with pytest.raises(ConversionError,
+                       match=r"key 'features.5.weight' has shape \(32, 16, 5, 5\), expected \(32, 16, 3, 3\)"):
         vgg.from_torchvision(bad, SCALE)
-    with pytest.raises(ConversionError, match=r"key 'features.0.weight' has shape \(16, 3, 3, 3\), expected \(64, 3, 3, 3\)"):
+    with pytest.raises(ConversionError,
+                       match=r"key 'features.0.weight' has shape \(16, 3, 3, 3\), expected \(64, 3, 3, 3\)"):
         vgg.from_torchvision(sd)  # a narrow state dict is not the full network
     with pytest.raises(ConversionError, match="unexpected key 'features.1.running_mean'"):
         vgg.from_torchvision(dict(sd, **{"features.1.running_mean": np.zeros(16)}), SCALE)
@@ -211,7 +213,7 @@ def test_conversion_errors_name_the_key(narrow):
 def test_pyramid_matches_fomm(hw):
     x = _images(3, (2, *hw, 3))
     got = jax.jit(losses.image_pyramid)(x)
-    for scale, g in zip((1, 0.5, 0.25, 0.125), got):
+    for scale, g in zip((1, 0.5, 0.25, 0.125), got, strict=True):
         with torch.no_grad():
             want = TorchAntiAlias(3, scale)(_nchw(x)).permute(0, 2, 3, 1).numpy()
         assert g.shape == want.shape
@@ -270,7 +272,8 @@ def test_psnr_and_ssim_match_skimage():
     rng = np.random.default_rng(6)
     smooth = np.cumsum(np.cumsum(rng.normal(size=(3, 40, 48, 3)), 1), 2)
     target = (2 * (smooth - smooth.min()) / np.ptp(smooth) - 1).astype(np.float32)
-    pred = np.clip(target + rng.normal(0, [[[[0.02]]], [[[0.1]]], [[[0.4]]]], target.shape), -1.2, 1.2).astype(np.float32)
+    noise = rng.normal(0, [[[[0.02]]], [[[0.1]]], [[[0.4]]]], target.shape)
+    pred = np.clip(target + noise, -1.2, 1.2).astype(np.float32)
     p = np.asarray(jax.jit(losses.psnr)(pred, target))
     s = np.asarray(jax.jit(losses.ssim)(pred, target))
     assert p.shape == s.shape == (3,)
@@ -362,7 +365,8 @@ def test_convert_cli_user_errors(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
     narrow_pth = tmp_path / "narrow.pth"  # the right keys, the wrong widths
-    torch.save({k: torch.from_numpy(v) for k, v in vgg.to_torchvision(vgg.init_params(jax.random.key(0), 0.125)).items()},
+    narrow = vgg.to_torchvision(vgg.init_params(jax.random.key(0), 0.125))
+    torch.save({k: torch.from_numpy(v) for k, v in narrow.items()},
                narrow_pth)
     assert main(["vgg19", f"--torch-checkpoint={narrow_pth}", f"--output={tmp_path}/c"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from liax_torch_reference import MOTION_IDS, Generator, animate, edit_img, randomize_
 
 from liax_jax import convert, inference
 from liax_jax.model import LiaXConfig
-from liax_torch_reference import Generator, MOTION_IDS, animate, edit_img, randomize_
 
 TOL = 1e-8
 SIZES = [(64, 0.125, 4), (128, 0.25, 8)]
@@ -54,7 +54,7 @@ def check_levels(ours, ref):
     assert len(ours["flow_logits"]) == len(ref["flow_logits"])
     errs = []
     for key in ("flow_logits", "rgb"):
-        for a, b in zip(ours[key], ref[key]):
+        for a, b in zip(ours[key], ref[key], strict=True):
             errs.append(rel_err(a, b))
     return max(errs)
 

@@ -16,8 +16,23 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from liax_torch_reference import (  # noqa: E402
-    MOTION_IDS, ConvLayer, Generator, ModulatedConv2d, ToFlow, ToRGB, Upsample, animate, count_parameters, edit_img,
-    edit_vid, interpolate_img, make_delta, make_kernel, manipulation_schedule, randomize_, upfirdn2d,
+    MOTION_IDS,
+    ConvLayer,
+    Generator,
+    ModulatedConv2d,
+    ToFlow,
+    ToRGB,
+    Upsample,
+    animate,
+    count_parameters,
+    edit_img,
+    edit_vid,
+    interpolate_img,
+    make_delta,
+    make_kernel,
+    manipulation_schedule,
+    randomize_,
+    upfirdn2d,
 )
 
 STATE_DICT_TXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "liax_state_dict.txt")
@@ -169,7 +184,7 @@ def test_reduced_model_shapes(request, which, size, S, chans):
 
 def test_randomize_is_deterministic_and_complete(g64):
     G2 = _tiny(64, 0.125, 4, seed=0)
-    for (n, a), (_, b) in zip(g64.state_dict().items(), G2.state_dict().items()):
+    for (n, a), (_, b) in zip(g64.state_dict().items(), G2.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     sd = g64.state_dict()
     gammas = torch.cat([v.flatten() for k, v in sd.items() if k.endswith("gamma")])
@@ -246,7 +261,7 @@ def test_animate_frame0_equals_edit_img(g64):
     # chunking changes nothing but rounding
     an8 = animate(g64, src, drv, MOTION_IDS, VALUES, chunk_size=8)
     torch.testing.assert_close(an8["video"], an["video"], rtol=1e-9, atol=1e-9)
-    for a, b in zip(an8["rgb"], an["rgb"]):
+    for a, b in zip(an8["rgb"], an["rgb"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 

@@ -15,7 +15,7 @@ def _take(it, n):
 
 def _same(batches_a, batches_b):
     assert len(batches_a) == len(batches_b)
-    for a, b in zip(batches_a, batches_b):
+    for a, b in zip(batches_a, batches_b, strict=True):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -104,7 +104,7 @@ def test_step_matches_diffusers(prediction_type, eta, use_clipped):
         want = ref.step(torch.from_numpy(model_output), t, torch.from_numpy(sample), eta=eta,
                         use_clipped_model_output=use_clipped, variance_noise=torch.from_numpy(noise))
         got = S.step(state, model_output, t, sample, eta=eta, noise=noise, use_clipped_model_output=use_clipped)
-        for g, w in zip(got, (want.prev_sample, want.pred_original_sample)):
+        for g, w in zip(got, (want.prev_sample, want.pred_original_sample), strict=True):
             assert g.dtype == jnp.float32 and g.shape == sample.shape
             worst = max(worst, float(np.abs(np.asarray(g) - w.numpy()).max()))
     assert worst <= 1e-6
@@ -196,7 +196,7 @@ def test_jit_step_with_traced_timestep():
             want = S.step(state, model_output, t, sample, eta=eta, noise=noise)
             got = jitted(state, model_output, jnp.int32(t), sample, eta=eta, noise=noise)
             got_traced_eta = traced_eta(state, model_output, t, sample, jnp.float32(eta), noise)
-            for g, g2, w in zip(got, got_traced_eta, want):
+            for g, g2, w in zip(got, got_traced_eta, want, strict=True):
                 np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-6, rtol=0)
                 np.testing.assert_allclose(np.asarray(g2), np.asarray(w), atol=1e-6, rtol=0)
     assert traces == [0.0, 0.7]  # one trace per static eta, not one per timestep

@@ -187,7 +187,7 @@ def test_bin_checkpoint_and_errors_name_the_key(tiny, tmp_path):
     loaded = convert.load_pretrained(str(tmp_path), "unet")
     a, b = nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.state(loaded, nnx.Param))
     assert len(a) == len(b)
-    for (pa, va), (pb, vb) in zip(a, b):
+    for (pa, va), (pb, vb) in zip(a, b, strict=True):
         assert pa == pb and np.array_equal(np.asarray(va[...]), np.asarray(vb[...]))
 
     state = convert.read_state_dict(folder)  # (re-assigning the same values leaves `loaded` unchanged)

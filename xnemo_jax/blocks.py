@@ -82,7 +82,8 @@ class Attention(nnx.Module):
         kv_dim = cross_attention_dim or query_dim
         kw = dict(rngs=rngs, dtype=dtype)
         self.heads, self.dim_head = heads, dim_head
-        self.group_norm = layers.GroupNorm(norm_num_groups, query_dim, eps=eps, dtype=dtype) if norm_num_groups else None
+        self.group_norm = (layers.GroupNorm(norm_num_groups, query_dim, eps=eps, dtype=dtype) if norm_num_groups
+                           else None)
         self.to_q = layers.Linear(query_dim, inner, bias=bias, **kw)
         self.to_k = layers.Linear(kv_dim, inner, bias=bias, **kw)
         self.to_v = layers.Linear(kv_dim, inner, bias=bias, **kw)

@@ -123,7 +123,8 @@ def assign(model, state: dict[str, np.ndarray], source: str = "checkpoint"):
     missing = sorted(set(targets) - set(used))
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ConversionError(f"{source}: {len(missing)} parameters not in the checkpoint: {', '.join(missing[:5])}{more}")
+        raise ConversionError(f"{source}: {len(missing)} parameters not in the checkpoint: "
+                              f"{', '.join(missing[:5])}{more}")
     return model
 
 

@@ -67,14 +67,29 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
 
 
+LINEAR_AXES = ("embed_in", "embed_out")   # logical axes of weights (launch/sharding.py maps them to the mesh)
+
+
+def conv_axes(nd: int) -> tuple:
+    return (None,) * nd + ("conv_in", "conv_out")
+
+
+def param(value: jax.Array, names: tuple | None = None) -> nnx.Param:
+    """An ``nnx.Param`` whose logical axis ``names`` are metadata only (``eager_sharding=False``), so the
+    module builds outside a mesh (tests, conversion, inference) and the runtime shards the state."""
+    if names is None:
+        return nnx.Param(value)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
 class Linear(nnx.Module):
     TORCH_LAYOUT = {"weight": (1, 0)}  # torch (out, in) -> (in, out)
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, rngs: nnx.Rngs,
                  dtype=jnp.float32, param_dtype=jnp.float32):
         bound = 1.0 / math.sqrt(in_features)
-        self.weight = nnx.Param(jax.random.uniform(rngs.params(), (in_features, out_features), param_dtype,
-                                                   -bound, bound))
+        self.weight = param(jax.random.uniform(rngs.params(), (in_features, out_features), param_dtype,
+                                               -bound, bound), LINEAR_AXES)
         self.bias = nnx.Param(jax.random.uniform(rngs.params(), (out_features,), param_dtype, -bound, bound)) \
             if bias else None
         self.dtype = dtype
@@ -104,8 +119,8 @@ class Conv(nnx.Module):
         self.padding = tuple((p, p) for p in pad)
         fan_in = in_channels * math.prod(kernel)
         bound = 1.0 / math.sqrt(fan_in)
-        self.weight = nnx.Param(jax.random.uniform(rngs.params(), kernel + (in_channels, out_channels), param_dtype,
-                                                   -bound, bound))
+        self.weight = param(jax.random.uniform(rngs.params(), kernel + (in_channels, out_channels), param_dtype,
+                                               -bound, bound), conv_axes(nd))
         self.bias = nnx.Param(jax.random.uniform(rngs.params(), (out_channels,), param_dtype, -bound, bound)) \
             if bias else None
         self.dtype = dtype

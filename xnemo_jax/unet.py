@@ -328,7 +328,7 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
     PyTorch's index rule: source index ``min(floor(i * (in / out)), in - 1)`` with the scale in float32.
     """
-    for axis, out in zip((1, 2), size):
+    for axis, out in zip((1, 2), size, strict=True):
         n = x.shape[axis]
         if out == n:
             continue
@@ -404,7 +404,7 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
 
     def __call__(self, x, temb, context, *, bank=None, collect=None) -> jax.Array:
         x = self.resnets[0](x, temb)
-        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+        for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
             x = resnet(attn(x, context, bank=bank, collect=collect), temb)
         return x
 
