@@ -289,3 +289,30 @@ def test_two_processes_on_loopback_train_and_checkpoint(env, tmp_path):
     assert len([n for n in data_files if "process" in n]) == 2, data_files      # one iterator state per process
     rows = metrics.read_metrics(str(tmp_path))
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]            # process 0 alone writes
+
+
+def test_eval_writes_samples_from_the_eval_pass_without_a_second_forward(tmp_path, monkeypatch):
+    """The sample grids come from the eval step's own reconstruction: each eval set's program traces the
+    generator once (a separate sample program used to run the first batch's forward pass again)."""
+    from configs import liax as liax_configs
+    from launch import trainer
+    from liax_jax import training
+
+    traced = []
+    original = training.LiaXTask.reconstruct
+    monkeypatch.setattr(training.LiaXTask, "reconstruct",
+                        lambda self, *a: traced.append(1) or original(self, *a))
+    config = liax_configs.get_config("tiny")
+    config.batch_size, config.mesh.data = 4, 1
+    config.eval.num_batches, config.eval.cross_identity_batches = 2, 1
+    config.data.synthetic_clips, config.data.synthetic_eval_clips = 8, 4
+    rt = trainer.Runtime(config, str(tmp_path))
+    try:
+        state = rt.init_fn()
+        results = rt.evaluate(0, state)
+    finally:
+        rt.checkpointer.close()
+    assert len(traced) == 2                                   # one trace per eval set (self, cross), no sampler
+    assert {"eval/l1", "eval/cross_l1"} <= set(results)
+    for name in ("self_step_0000000.png", "cross_step_0000000.png"):
+        assert (tmp_path / "samples" / name).exists(), name

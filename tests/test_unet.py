@@ -13,19 +13,13 @@ import torch
 from flax import nnx
 
 from xnemo_jax import convert
+from xnemo_jax.denoiser import SD_IMAGE_VARIATIONS_UNET
 from xnemo_jax.unet import UNet2DConditionModel, resize_nearest
 
 diffusers = pytest.importorskip("diffusers")
 
 # sd-image-variations-diffusers' UNet (SD-1.x with a 768-d CLIP image embedding as cross-attention context)
-SD_IMAGE_VARIATIONS = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, mid_block_type="UNetMidBlock2DCrossAttn",
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True,
-    freq_shift=0, use_linear_projection=False, act_fn="silu", center_input_sample=False, downsample_padding=1,
-    mid_block_scale_factor=1, dual_cross_attention=False,
-)
+SD_IMAGE_VARIATIONS = dict(SD_IMAGE_VARIATIONS_UNET, dual_cross_attention=False)
 SD_PARAMS = 859_520_964
 
 # Reduced configs; each case: (config, latent (H, W), batch, timestep(s), context length).

@@ -11,6 +11,13 @@ with a ``torch_key(key) -> key | None`` static method (``None``: a buffer to ski
 ``position_ids``). Layouts: each layer class declares ``TORCH_LAYOUT`` (attribute -> axis permutation
 from the torch array, :mod:`xnemo_jax.layers`); everything else is copied as is. Every key must be used,
 every parameter filled, and every shape must match, or :class:`ConversionError` names the key.
+
+The same machinery serves files that are plain ``torch.save`` state dicts (X-NeMo's official ``.pth``
+files, :mod:`xnemo_jax.denoiser`): :func:`assign` also fills non-``Param`` variables that are part of a
+state dict (``kinds``, e.g. the denoiser's ``pos_encoder.pe`` buffers) and can run non-strict (the
+official loader's ``strict=False``); :func:`torch_shapes` lists a model's keys with their PyTorch
+shapes (works on an ``nnx.eval_shape`` model) and :func:`to_torch` writes the state dict back
+(the exact inverse of :func:`assign`).
 """
 
 from __future__ import annotations
@@ -85,26 +92,72 @@ def _modules_with_params(model):
     return out
 
 
-def assign(model, state: dict[str, np.ndarray], source: str = "checkpoint"):
-    """Fills ``model``'s Params in place from a torch-named state dict; returns ``model``."""
+def _targets(model, kinds=None) -> dict:
+    """``{parameter path: (module, attribute, TORCH_LAYOUT permutation or None)}`` for every variable of
+    the types ``kinds`` (default: ``nnx.Param``), in ``nnx.iter_graph`` order."""
     from flax import nnx  # noqa: PLC0415
 
-    rename = getattr(model, "torch_key", None)
-    modules = _modules_with_params(model)
+    kinds = tuple(kinds) if kinds else (nnx.Param,)
     targets = {}
-    for mpath, module in modules.items():
+    for mpath, module in _modules_with_params(model).items():
         layout = getattr(module, "TORCH_LAYOUT", {}) or {}
         for name, value in vars(module).items():
-            if isinstance(value, nnx.Param):
+            if isinstance(value, kinds):
                 key = f"{mpath}.{name}" if mpath else name
                 targets[key] = (module, name, layout.get(name))
+    return targets
+
+
+def _torch_order(perm: tuple | None, ndim: int) -> tuple | None:
+    """The inverse of a TORCH_LAYOUT permutation (JAX array -> torch array), None when not applicable."""
+    if perm is None or ndim != len(perm):
+        return None
+    return tuple(int(i) for i in np.argsort(perm))
+
+
+def torch_shapes(model, kinds=None) -> dict[str, tuple]:
+    """``{key: PyTorch shape}`` of the variables of ``kinds`` (keys are the parameter paths); works on an
+    ``nnx.eval_shape`` model, nothing is allocated."""
+    out = {}
+    for key, (module, name, perm) in _targets(model, kinds).items():
+        shape = tuple(getattr(module, name).shape)
+        order = _torch_order(perm, len(shape))
+        out[key] = shape if order is None else tuple(shape[i] for i in order)
+    return out
+
+
+def to_torch(model, kinds=None) -> dict[str, np.ndarray]:
+    """``{key: numpy array in PyTorch layout}`` — the exact inverse of :func:`assign` (bit for bit)."""
+    out = {}
+    for key, (module, name, perm) in _targets(model, kinds).items():
+        value = np.asarray(getattr(module, name)[...])
+        order = _torch_order(perm, value.ndim)
+        out[key] = value if order is None else np.ascontiguousarray(np.transpose(value, order))
+    return out
+
+
+def assign(model, state: dict[str, np.ndarray], source: str = "checkpoint", *, kinds=None, strict: bool = True,
+           report: dict | None = None):
+    """Fills ``model``'s variables in place from a torch-named state dict; returns ``model``.
+
+    ``kinds``: the variable types to fill (default ``nnx.Param``). ``strict=False`` ignores keys the
+    model lacks and leaves variables the state dict lacks as they are; ``report`` (a dict) then
+    receives the sorted ``"unexpected"`` keys and ``"missing"`` parameter paths. Shapes must match
+    either way. Variables that are still abstract (``nnx.eval_shape``) get new values.
+    """
+    rename = getattr(model, "torch_key", None)
+    targets = _targets(model, kinds)
     used: dict[str, np.ndarray] = {}
+    unexpected = []
     for key, array in state.items():
         new = rename(key) if rename is not None else key
         if new is None:
             continue
         new = _ALIAS.sub(".conv.", "." + new)[1:]  # diffusers registers Down/Upsample convs twice
         if new not in targets:
+            if not strict:
+                unexpected.append(key)
+                continue
             raise ConversionError(f"{source}: unexpected key {key!r} (no such parameter in the JAX module)")
         module, name, perm = targets[new]
         param = getattr(module, name)
@@ -118,10 +171,20 @@ def assign(model, state: dict[str, np.ndarray], source: str = "checkpoint"):
             if not np.array_equal(used[new], array):
                 raise ConversionError(f"{source}: {key!r} and another key both fill {new} with different values")
             continue
-        param[...] = np.asarray(array, param.dtype)
+        value = np.asarray(array, param.dtype)
+        current = param.get_value()
+        if isinstance(current, np.ndarray):
+            param[...] = value
+        elif hasattr(current, "devices"):  # a jax array: stays one
+            import jax.numpy as jnp  # noqa: PLC0415
+            param.set_value(jnp.asarray(value))
+        else:  # an abstract ShapeDtypeStruct (nnx.eval_shape): becomes the numpy value
+            param.set_value(value)
         used[new] = array
     missing = sorted(set(targets) - set(used))
-    if missing:
+    if report is not None:
+        report.update(missing=missing, unexpected=sorted(unexpected))
+    if missing and strict:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ConversionError(f"{source}: {len(missing)} parameters not in the checkpoint: "
                               f"{', '.join(missing[:5])}{more}")

@@ -60,11 +60,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
 
     The single entry point of every attention layer. ``implementation=None`` lets JAX choose (cuDNN on
     GPUs where it applies, XLA otherwise); ``"xla"`` / ``"cudnn"`` force one. Softmax runs in float32
-    for low-precision inputs.
+    for low-precision inputs; float64 inputs (parity tests under jax x64) take a plain float64 path.
     """
-    if implementation is None and (q.dtype == jnp.float32 or q.dtype == jnp.float64 or jax.default_backend() != "gpu"):
+    if q.dtype == jnp.float64:  # jax.nn.dot_product_attention takes the softmax in float32 even for float64
+        logits = jnp.einsum("blhd,bshd->bhls", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        return jnp.einsum("bhls,bshd->blhd", jax.nn.softmax(logits, axis=-1), v)
+    if implementation is None and (q.dtype == jnp.float32 or jax.default_backend() != "gpu"):
         implementation = "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+
+
+class Buffer(nnx.Variable):
+    """A fixed, non-trainable array that an official checkpoint stores (e.g. a ``pe`` position table):
+    never updated by an optimiser (not an ``nnx.Param``), but converted with the parameters."""
 
 
 LINEAR_AXES = ("embed_in", "embed_out")   # logical axes of weights (launch/sharding.py maps them to the mesh)

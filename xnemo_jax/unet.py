@@ -47,9 +47,15 @@ Seams for X-NeMo (not used by the default path, which is exactly diffusers'):
   ``__call__(..., bank={key: array or [arrays]})`` concatenates those ``(B, S', C)`` tokens to the block's
   ``norm1`` output along the sequence axis to form ``attn1``'s keys/values (queries unchanged) — the
   reference attention of ReferenceNet-style models. Blocks without an entry run plain self-attention.
-* **Extra modules after each spatial layer** (motion cross-attention, temporal attention): the down /
-  mid / up blocks iterate ``zip(resnets, attentions)`` in plain Python; a subclass can override the
-  block ``__call__`` or wrap ``Transformer2DModel`` without touching the parameter paths above.
+* **Bank mask**: ``__call__(..., bank=..., bank_mask=m)`` with ``m`` a ``(B,)`` bool array: examples with
+  ``False`` ignore the bank (their attn1 is plain self-attention; the bank keys are masked out of the
+  softmax, which gives them exactly zero weight) — the unconditional CFG half of X-NeMo's denoiser.
+* **Extra modules after each spatial layer** (motion cross-attention, temporal attention):
+  ``__call__(..., after_layer=fn)`` calls ``x = fn(block, j, x)`` after layer ``j`` of every down / up
+  block (after its ResNet and, where present, its transformer) and after the mid block's transformer
+  (before its second ResNet), ``block`` being the DownBlock / UpBlock / mid block module. The modules
+  themselves can live as extra attributes of the blocks (``block.motion_modules``), so the parameter
+  paths above are untouched (:mod:`xnemo_jax.denoiser`).
 * **Reference net without head**: ``from_config(..., with_output_head=False)`` omits ``conv_norm_out``
   and ``conv_out``; ``__call__`` then returns the last up block's features ``(B, H, W, C0)``.
 """
@@ -257,11 +263,12 @@ class BasicTransformerBlock(nnx.Module):
         self.tap_key = ""
 
     def __call__(self, x: jax.Array, context: jax.Array | None, *, bank: Sequence[jax.Array] | None = None,
-                 collect: dict | None = None) -> jax.Array:
+                 collect: dict | None = None, bank_mask: jax.Array | None = None) -> jax.Array:
         """``x`` (B, L, C) tokens, ``context`` (B, S, cross_dim) -> (B, L, C).
 
         ``bank``: extra ``(B, S', C)`` token arrays appended to ``norm1(x)`` to form ``attn1``'s keys and
-        values; ``collect``: a dict that receives ``norm1(x)`` under :attr:`tap_key`.
+        values; ``collect``: a dict that receives ``norm1(x)`` under :attr:`tap_key`; ``bank_mask``
+        ``(B,)`` bool: which examples see the bank (the others get plain self-attention).
         """
         h = self.norm1(x)
         if collect is not None:
@@ -275,9 +282,24 @@ class BasicTransformerBlock(nnx.Module):
             kv = jnp.concatenate([h, *[b.astype(h.dtype) for b in bank]], axis=1)
         else:
             kv = None  # plain self-attention
-        x = self.attn1(h, kv) + x
+        if kv is not None and bank and bank_mask is not None:
+            n, extra = h.shape[0], kv.shape[1] - h.shape[1]
+            read = jnp.broadcast_to(jnp.asarray(bank_mask, bool).reshape(n, 1), (n, extra))
+            valid = jnp.concatenate([jnp.ones((n, h.shape[1]), bool), read], axis=1)
+            x = _masked_attention(self.attn1, h, kv, valid) + x
+        else:
+            x = self.attn1(h, kv) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
+
+
+def _masked_attention(attn: blocks.Attention, x: jax.Array, kv: jax.Array, valid: jax.Array) -> jax.Array:
+    """``attn(x, kv)`` (a plain token Attention) with keys/values ``kv[b, s]`` where ``valid[b, s]`` is
+    False removed from the softmax."""
+    q, k, v = attn.to_q(x), attn.to_k(kv), attn.to_v(kv)
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], attn.heads, attn.dim_head)  # noqa: E731
+    out = layers.attention(split(q), split(k), split(v), mask=valid[:, None, None, :])
+    return attn.to_out[0](out.reshape(out.shape[0], out.shape[1], attn.heads * attn.dim_head))
 
 
 class Transformer2DModel(nnx.Module):
@@ -303,13 +325,13 @@ class Transformer2DModel(nnx.Module):
         self.proj_out = proj(inner, channels)
 
     def __call__(self, x: jax.Array, context: jax.Array | None, *, bank: Mapping | None = None,
-                 collect: dict | None = None) -> jax.Array:
+                 collect: dict | None = None, bank_mask: jax.Array | None = None) -> jax.Array:
         b, h, w, c = x.shape
         # channels-last: a 1x1 conv and a Linear act identically on (B, H, W, C) — no transposes needed
         t = self.proj_in(self.norm(x))
         t = t.reshape(b, h * w, t.shape[-1])
         for block in self.transformer_blocks:
-            t = block(t, context, bank=_bank_for(bank, block.tap_key), collect=collect)
+            t = block(t, context, bank=_bank_for(bank, block.tap_key), collect=collect, bank_mask=bank_mask)
         t = self.proj_out(t.reshape(b, h, w, t.shape[-1]))
         return t + x.astype(t.dtype)
 
@@ -376,12 +398,15 @@ class DownBlock(nnx.Module):
         self.downsamplers = None if is_final else \
             nnx.List([blocks.Downsample2D(out, out, padding=cfg.downsample_padding, **kw)])
 
-    def __call__(self, x, temb, context, *, bank=None, collect=None) -> tuple[jax.Array, list[jax.Array]]:
+    def __call__(self, x, temb, context, *, bank=None, collect=None, bank_mask=None,
+                 after_layer=None) -> tuple[jax.Array, list[jax.Array]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context, bank=bank, collect=collect)
+                x = self.attentions[j](x, context, bank=bank, collect=collect, bank_mask=bank_mask)
+            if after_layer is not None:
+                x = after_layer(self, j, x)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -402,10 +427,13 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
         self.attentions = nnx.List([_transformer(cfg, last, c, mid=True, **kw)])
         self.resnets = nnx.List([resnet(), resnet()])
 
-    def __call__(self, x, temb, context, *, bank=None, collect=None) -> jax.Array:
+    def __call__(self, x, temb, context, *, bank=None, collect=None, bank_mask=None, after_layer=None) -> jax.Array:
         x = self.resnets[0](x, temb)
-        for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
-            x = resnet(attn(x, context, bank=bank, collect=collect), temb)
+        for j, (attn, resnet) in enumerate(zip(self.attentions, self.resnets[1:], strict=True)):
+            x = attn(x, context, bank=bank, collect=collect, bank_mask=bank_mask)
+            if after_layer is not None:
+                x = after_layer(self, j, x)
+            x = resnet(x, temb)
         return x
 
 
@@ -429,12 +457,14 @@ class UpBlock(nnx.Module):
         self.upsamplers = None if i == nb - 1 else nnx.List([blocks.Upsample2D(out, out, **kw)])
 
     def __call__(self, x, skips: list[jax.Array], temb, context, *, upsample_size=None, bank=None,
-                 collect=None) -> jax.Array:
+                 collect=None, bank_mask=None, after_layer=None) -> jax.Array:
         for j, resnet in enumerate(self.resnets):
             x = jnp.concatenate([x, skips[-1 - j].astype(x.dtype)], axis=-1)  # last skip first
             x = resnet(x, temb)
             if self.attentions is not None:
-                x = self.attentions[j](x, context, bank=bank, collect=collect)
+                x = self.attentions[j](x, context, bank=bank, collect=collect, bank_mask=bank_mask)
+            if after_layer is not None:
+                x = after_layer(self, j, x)
         if self.upsamplers is not None:
             x = _upsample(self.upsamplers[0], x, upsample_size)
         return x
@@ -508,11 +538,14 @@ class UNet2DConditionModel(layers.FromConfig, nnx.Module):
 
     def __call__(self, sample: jax.Array, timestep, encoder_hidden_states: jax.Array, *,
                  bank: Mapping[str, jax.Array | Sequence[jax.Array]] | None = None,
-                 collect: dict | None = None) -> jax.Array:
+                 collect: dict | None = None, bank_mask: jax.Array | None = None,
+                 after_layer=None) -> jax.Array:
         """The UNet output ``(B, H, W, out_channels)`` (without output head: ``(B, H, W, C0)`` features).
 
         ``bank``: ``{tap key: (B, S', C) array or list of them}`` appended to those blocks' attn1
-        keys/values; ``collect``: a dict filled with every block's ``norm1`` output ``(B, H*W, C)``.
+        keys/values; ``collect``: a dict filled with every block's ``norm1`` output ``(B, H*W, C)``;
+        ``bank_mask``: ``(B,)`` bool, the examples that read the bank (default: all);
+        ``after_layer``: ``fn(block, j, x) -> x`` run after every spatial layer (module docstring).
         """
         if bank:
             unknown = sorted(set(bank) - set(self._tap_keys))
@@ -528,7 +561,7 @@ class UNet2DConditionModel(layers.FromConfig, nnx.Module):
             x = 2 * x - 1.0
         temb = self.time_embed(timestep, b)
         ctx = encoder_hidden_states
-        seams = dict(bank=bank, collect=collect)
+        seams = dict(bank=bank, collect=collect, bank_mask=bank_mask, after_layer=after_layer)
 
         x = self.conv_in(x)
         skips = [x]
