@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import xnemo_torch_denoiser as R
 from flax import nnx
 
 from conftest import ROOT
@@ -34,8 +35,6 @@ from liax_jax.convert import read_state_dict
 from xnemo_jax import convert
 from xnemo_jax import denoiser as D
 from xnemo_jax.unet import UNet2DConditionModel
-
-R = pytest.importorskip("xnemo_torch_denoiser")
 
 KEYS_FILE = os.path.join(ROOT, "..", "shared", "reference", "xnemo_param_keys_full.txt")
 
