@@ -91,7 +91,8 @@ class Attention(nnx.Module):
         self.residual_connection = residual_connection
         self.rescale_output_factor = rescale_output_factor
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+        """``mask``: optional ``(B, S)`` bool over the keys/values (False: left out of the softmax)."""
         residual = x
         spatial = x.ndim == 4
         if spatial:  # (B, H, W, C) -> (B, HW, C)
@@ -102,7 +103,7 @@ class Attention(nnx.Module):
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)  # noqa: E731
-        out = layers.attention(split(q), split(k), split(v))
+        out = layers.attention(split(q), split(k), split(v), mask=None if mask is None else mask[:, None, None, :])
         out = self.to_out[0](out.reshape(out.shape[0], out.shape[1], self.heads * self.dim_head))
         if spatial:
             out = out.reshape(b, h, w, c)

@@ -282,24 +282,14 @@ class BasicTransformerBlock(nnx.Module):
             kv = jnp.concatenate([h, *[b.astype(h.dtype) for b in bank]], axis=1)
         else:
             kv = None  # plain self-attention
+        valid = None
         if kv is not None and bank and bank_mask is not None:
             n, extra = h.shape[0], kv.shape[1] - h.shape[1]
             read = jnp.broadcast_to(jnp.asarray(bank_mask, bool).reshape(n, 1), (n, extra))
             valid = jnp.concatenate([jnp.ones((n, h.shape[1]), bool), read], axis=1)
-            x = _masked_attention(self.attn1, h, kv, valid) + x
-        else:
-            x = self.attn1(h, kv) + x
+        x = self.attn1(h, kv, mask=valid) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
-
-
-def _masked_attention(attn: blocks.Attention, x: jax.Array, kv: jax.Array, valid: jax.Array) -> jax.Array:
-    """``attn(x, kv)`` (a plain token Attention) with keys/values ``kv[b, s]`` where ``valid[b, s]`` is
-    False removed from the softmax."""
-    q, k, v = attn.to_q(x), attn.to_k(kv), attn.to_v(kv)
-    split = lambda t: t.reshape(t.shape[0], t.shape[1], attn.heads, attn.dim_head)  # noqa: E731
-    out = layers.attention(split(q), split(k), split(v), mask=valid[:, None, None, :])
-    return attn.to_out[0](out.reshape(out.shape[0], out.shape[1], attn.heads * attn.dim_head))
 
 
 class Transformer2DModel(nnx.Module):
