@@ -6,6 +6,8 @@ r"""Converts official PyTorch checkpoints to portrait-jax params checkpoints (Or
     python launch/convert.py vgg19 --torch-checkpoint=vgg19-dcbb9e9d.pth --output=checkpoints/vgg19
     python launch/convert.py sd --unet=sd-image-variations-diffusers/unet --vae=svd-xt/vae \
         --clip=sd-image-variations-diffusers/image_encoder --output=checkpoints/sd
+    python launch/convert.py xnemo --official=xnemo-release --output=checkpoints/xnemo-official
+    python launch/convert.py xnemo --to-torch --checkpoint=checkpoints/xnemo-official --output=xnemo-pth
 
 ``liax`` options: ``--scale`` (2 for the release), ``--motion-dim`` (40), ``--resolution`` (512),
 ``--norm-groups`` (32).
@@ -14,6 +16,13 @@ official checkpoint's motion directions) and ``params/`` (Orbax). ``--from-train
 of a training run (its newest step, or the step folder given) without optimizer or discriminator
 states; ``--directions`` names motion directions for ``launch/animate.py --edit`` (``name=id`` or
 ``name=id+id``, comma-separated; replaces the default names).
+
+``xnemo`` reads the official release folder (``xnemo_jax.convert.load_official``: the two diffusers
+folders ``sd-image-variations-diffusers/{unet,image_encoder}`` and ``stable-video-diffusion-img2vid-xt/vae``
+plus the four ``xnemo_*.pth`` files, in the official loading order) and writes one params checkpoint of
+all five networks (parameters, BatchNorm statistics and ``pe`` buffers; ``model.json`` holds the
+``XNemoConfig`` and each file's stored dtypes). ``--to-torch`` writes the four ``.pth`` files back into a
+new folder, bit for bit (``xnemo_denoising_unet.pth`` = SD + ``motion_modules`` keys).
 
 ``vgg19`` converts torchvision's ImageNet VGG19 (the perceptual-loss network, :mod:`liax_jax.vgg`); only
 the convolutions up to relu5_1 are kept, the others and the classifier are listed in the metadata as
@@ -181,6 +190,73 @@ def convert_sd(args) -> None:
         print(f"wrote {kind} ({folder}) to {out}")
 
 
+def _dtype_summary(dtypes: dict) -> dict:
+    """``{role: {key: dtype}}`` -> ``{role: {"default": most common dtype, "keys": {exceptions}}}``."""
+    import collections  # noqa: PLC0415
+
+    out = {}
+    for role, per_key in dtypes.items():
+        default = collections.Counter(per_key.values()).most_common(1)[0][0] if per_key else "float32"
+        out[role] = {"default": default, "keys": {k: v for k, v in per_key.items() if v != default}}
+    return out
+
+
+def convert_xnemo(args) -> None:
+    from flax import nnx  # noqa: PLC0415
+
+    from input_pipeline.errors import UserError  # noqa: PLC0415
+    from launch import checkpointing  # noqa: PLC0415
+    from xnemo_jax import convert  # noqa: PLC0415
+
+    if args.to_torch:
+        export_xnemo_torch(args)
+        return
+    if not args.official:
+        raise UserError("give --official=DIR (the X-NeMo release folder) or --to-torch --checkpoint=DIR")
+    dtypes: dict = {}
+    try:
+        bundle = convert.load_official(args.official, dtypes=dtypes)
+    except convert.ConversionError as e:
+        raise _conversion_error(e, args.official) from e
+    metadata = {"source": os.path.abspath(args.official), "stored_dtypes": _dtype_summary(dtypes)}
+    checkpointing.save_params(args.output, "xnemo", bundle.config.to_dict(), nnx.to_pure_dict(nnx.state(bundle)),
+                              metadata)
+    print(f"wrote X-NeMo ({args.official}: {', '.join(bundle.NETWORKS)}) to {args.output}")
+
+
+def export_xnemo_torch(args) -> None:
+    """The four official .pth files of an X-NeMo params checkpoint, into a new folder."""
+    import shutil  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    from input_pipeline.errors import UserError  # noqa: PLC0415
+    from launch import loading  # noqa: PLC0415
+    from xnemo_jax import convert  # noqa: PLC0415
+
+    if not args.checkpoint:
+        raise UserError("--to-torch needs --checkpoint=DIR (an X-NeMo params checkpoint)")
+    if os.path.exists(args.output):
+        raise UserError("already exists; choose a new --output folder for the .pth files", args.output)
+    bundle, metadata = loading.load_xnemo(args.checkpoint)
+    summary = metadata.get("stored_dtypes", {})
+    tmp = args.output.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, state in convert.to_release(bundle).items():
+        role = next(r for r, n in convert.RELEASE_FILES.items() if n == name)
+        stored = summary.get(role, {})
+        tensors = {}
+        for key, value in state.items():
+            tensor = torch.from_numpy(np.array(value))  # a writable copy
+            dtype = getattr(torch, stored.get("keys", {}).get(key, stored.get("default", "float32")))
+            tensors[key] = tensor.to(dtype) if tensor.is_floating_point() and dtype.is_floating_point else tensor
+        torch.save(tensors, os.path.join(tmp, name))
+    os.replace(tmp, args.output)
+    print(f"wrote {', '.join(convert.RELEASE_FILES.values())} to {args.output}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="model", required=True)
@@ -203,11 +279,17 @@ def main(argv=None) -> int:
     p.add_argument("--vae", help="AutoencoderKL or AutoencoderKLTemporalDecoder folder")
     p.add_argument("--clip", help="CLIPVisionModelWithProjection folder")
     p.add_argument("--output", required=True, help="output folder (one params checkpoint per part)")
+    p = sub.add_parser("xnemo", help="X-NeMo release folder (two diffusers folders + four xnemo_*.pth files)")
+    p.add_argument("--official", help="release folder (sd-image-variations-diffusers/, "
+                   "stable-video-diffusion-img2vid-xt/, xnemo_*.pth)")
+    p.add_argument("--output", required=True, help="output folder (the .pth folder with --to-torch)")
+    p.add_argument("--to-torch", action="store_true", help="write a params checkpoint back as the four .pth files")
+    p.add_argument("--checkpoint", help="X-NeMo params checkpoint folder to read with --to-torch")
     args = parser.parse_args(argv)
 
     from input_pipeline.errors import UserError  # noqa: PLC0415
     try:
-        {"liax": convert_liax, "vgg19": convert_vgg19, "sd": convert_sd}[args.model](args)
+        {"liax": convert_liax, "vgg19": convert_vgg19, "sd": convert_sd, "xnemo": convert_xnemo}[args.model](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -73,3 +73,34 @@ def load_liax(checkpoint: str | Found, *, dtype: str | None = None, chunk_size: 
                                                 ("model", "generator"))
     nnx.replace_by_pure_dict(abstract_state, params)
     return Runner(nnx.merge(graphdef, abstract_state), chunk_size), found.metadata
+
+
+def read_xnemo(checkpoint: str, dtype: str | None = None) -> Found:
+    """X-NeMo weights on disk (a params checkpoint of ``launch/convert.py xnemo``), reading only JSON.
+    ``dtype`` overrides the compute dtype. Raises :class:`UserError` naming the checkpoint."""
+    from xnemo_jax.model import XNemoConfig  # noqa: PLC0415
+
+    found = checkpointing.find_model_checkpoint(checkpoint)
+    if found.model != "xnemo":
+        raise UserError(f"holds a {found.model or 'unknown'!r} model checkpoint, not X-NeMo", found.path)
+    if found.kind != "params":
+        raise UserError("is an X-NeMo training step; export it with launch/convert.py first", found.path)
+    try:
+        config = XNemoConfig.from_dict({**found.config, **({"dtype": dtype} if dtype else {})})
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"bad model description: {type(e).__name__}: {e}", found.path) from e
+    return Found(found, config, dict(found.metadata))
+
+
+def load_xnemo(checkpoint: str | Found, *, dtype: str | None = None):
+    """``(xnemo_jax.model.XNemo, metadata)`` for X-NeMo weights on disk: every network's parameters,
+    BatchNorm statistics and buffers, restored onto the abstract bundle (nothing allocated twice)."""
+    from flax import nnx  # noqa: PLC0415
+
+    from xnemo_jax import model as model_lib  # noqa: PLC0415
+
+    found = checkpoint if isinstance(checkpoint, Found) else read_xnemo(checkpoint, dtype)
+    graphdef, abstract_state = nnx.split(model_lib.abstract(found.config))
+    params = checkpointing.restore_model_params(found.checkpoint, nnx.to_pure_dict(abstract_state), ("model",))
+    nnx.replace_by_pure_dict(abstract_state, params)
+    return nnx.merge(graphdef, abstract_state), found.metadata

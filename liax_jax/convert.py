@@ -86,32 +86,42 @@ def _as_numpy(value) -> np.ndarray:
 
 
 def read_state_dict(path: str | os.PathLike, wrappers=("gen", "state_dict", "model"),
-                    safe_globals=()) -> dict[str, np.ndarray]:
+                    safe_globals=(), *, ignore=(), dtypes: dict | None = None) -> dict[str, np.ndarray]:
     """Reads a ``.pt``/``.pth`` (torch, weights only) or ``.safetensors``/``.npz`` state dict as numpy.
 
     A torch checkpoint that nests the state dict under one of ``wrappers`` is unwrapped;
-    ``safe_globals`` are extra classes the weights-only unpickler may build (e.g. ``argparse.Namespace``).
+    ``safe_globals`` are extra classes the weights-only unpickler may build (e.g. ``argparse.Namespace``);
+    ``ignore``: top-level entries that are not weights (e.g. AnimateDiff's ``animatediff_config``).
+    ``dtypes`` (a dict) receives each key's stored dtype name (``float16``, ``bfloat16``, ...: bfloat16
+    tensors are returned as float32, the others keep their dtype).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConversionError(f"{path}: no such file")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file  # noqa: PLC0415
-        return dict(load_file(path))
-    if path.endswith(".npz"):
+        sd = dict(load_file(path))
+    elif path.endswith(".npz"):
         with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    import torch  # noqa: PLC0415
-    try:
-        with torch.serialization.safe_globals(list(safe_globals)):
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+            sd = {k: data[k] for k in data.files}
+    else:
+        import torch  # noqa: PLC0415
+        try:
+            with torch.serialization.safe_globals(list(safe_globals)):
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     for wrapper in wrappers:
         if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
             sd = sd[wrapper]
     if not isinstance(sd, Mapping):
         raise ConversionError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    sd = {k: v for k, v in sd.items() if k not in ignore}
+    for k, v in sd.items():
+        if not (hasattr(v, "detach") or isinstance(v, np.ndarray)):
+            raise ConversionError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        if dtypes is not None:
+            dtypes[k] = str(v.dtype).removeprefix("torch.")
     return {k: _as_numpy(v) for k, v in sd.items()}
 
 

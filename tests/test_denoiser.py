@@ -29,6 +29,7 @@ import pytest
 import torch
 import xnemo_torch_denoiser as R
 from flax import nnx
+from xnemo_helpers import random_official_state
 
 from conftest import ROOT
 from liax_jax.convert import read_state_dict
@@ -305,15 +306,7 @@ SMALL_UNET = dict(D.TINY_UNET, block_out_channels=[32, 64], layers_per_block=1,
 
 def _random(abstract, seed: int):
     """Fills an abstract model with random official-layout weights (fast: no per-shape random programs)."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    for key, shape in D.official_keys(abstract).items():
-        if key.endswith(".pe"):
-            state[key] = D.sinusoidal_table(shape[1], shape[2])
-        elif len(shape) == 1:
-            state[key] = (float(key.endswith("weight")) + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            state[key] = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+    state = random_official_state(D.official_keys(abstract), seed)
     return D.from_official(abstract, state), state
 
 

@@ -399,14 +399,7 @@ def mask_bank(bank: Mapping[str, jax.Array], mask_ratio: float, rng: jax.Array) 
     return out
 
 
-class ShapeOnlyRngs:
-    """Stands in for ``nnx.Rngs`` under ``nnx.eval_shape`` (``Model(config, rngs=ShapeOnlyRngs())``),
-    where no value is computed: a constant key.
-    (flax 0.12.8's stateful key counter makes tracing time quadratic in the number of parameters —
-    about a minute for the full denoiser, 3 s with this.)"""
-
-    def params(self):
-        return jax.random.key(0)
+ShapeOnlyRngs = layers.ShapeOnlyRngs  # (kept here too: tests and scripts import it from the denoiser)
 
 
 def abstract_denoiser(config: DenoiserConfig | None = None, *, dtype="float32") -> Denoiser:
@@ -448,10 +441,7 @@ def from_official(model, state_dict: Mapping[str, Any], *, strict: bool = True, 
     """
     state = {k: _numpy(v) for k, v in state_dict.items()}
     convert.assign(model, state, source, kinds=KINDS, strict=strict, report=report)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, KINDS) and isinstance(node.get_value(), np.ndarray):
-            node.set_value(jnp.asarray(node.get_value()))
-    return model
+    return convert.to_device(model, partial=not strict)
 
 
 def _numpy(value) -> np.ndarray:

@@ -482,9 +482,7 @@ def from_official(model, state_dict: Mapping[str, Any], source: str = "state dic
     from xnemo_jax import convert  # noqa: PLC0415
 
     convert.assign(model, {k: np.asarray(v) for k, v in state_dict.items()}, source, kinds=KINDS)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, KINDS) and not isinstance(node.get_value(), jax.Array):
-            node.set_value(jnp.asarray(node.get_value()))
+    convert.to_device(model)
 
 
 def to_official(model) -> dict[str, np.ndarray]:
@@ -499,8 +497,8 @@ def to_official(model) -> dict[str, np.ndarray]:
 def build(config: MotionEncoderConfig | None = None, *, dtype=jnp.float32, abstract: bool = False,
           seed: int = 0) -> MotionEncoder:
     """A :class:`MotionEncoder` (``abstract``: under ``nnx.eval_shape``, nothing allocated)."""
-    make = lambda: MotionEncoder(config, rngs=nnx.Rngs(seed), dtype=layers.as_dtype(dtype))  # noqa: E731
-    return nnx.eval_shape(make) if abstract else make()
+    make = lambda rngs: MotionEncoder(config, rngs=rngs, dtype=layers.as_dtype(dtype))  # noqa: E731
+    return nnx.eval_shape(lambda: make(layers.ShapeOnlyRngs())) if abstract else make(nnx.Rngs(seed))
 
 
 def load_official(state_dict_or_path, config: MotionEncoderConfig | None = None, *,
@@ -508,20 +506,14 @@ def load_official(state_dict_or_path, config: MotionEncoderConfig | None = None,
     """A :class:`MotionEncoder` with the weights of ``xnemo_motion_encoder.pth`` (a path: read weights-only
     through :func:`liax_jax.convert.read_state_dict`; torch needed then) or of an official-layout state
     dict. Built abstract first, so nothing is allocated twice."""
-    from xnemo_jax.convert import ConversionError  # noqa: PLC0415
-
     source = "state dict"
     if isinstance(state_dict_or_path, (str, os.PathLike)):
-        from liax_jax import convert as liax_convert  # noqa: PLC0415
+        from xnemo_jax.convert import read_torch_file  # noqa: PLC0415
         source = os.fspath(state_dict_or_path)
-        try:
-            state = liax_convert.read_state_dict(source, wrappers=("state_dict",))
-        except liax_convert.ConversionError as e:
-            raise ConversionError(str(e)) from e
+        state = read_torch_file(source)
     else:
         state = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
                  for k, v in state_dict_or_path.items()}
     model = build(config, dtype=dtype, abstract=True)
     from_official(model, state, source)
-    graphdef, filled = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, filled))
+    return model
