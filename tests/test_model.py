@@ -90,7 +90,9 @@ def test_tiny_bundle_runs_a_denoiser_window_forward_and_backward():
     assert np.isfinite(float(value))
     den_grads, ref_grads = grads[0], grads[1]
     flat = {".".join(map(str, p)): float(jnp.abs(g[...]).max()) for p, g in nnx.to_flat_state(den_grads)}
-    for kind in ("motion_modules", "temporal_modules"):
+    assert all(np.isfinite(v) for v in flat.values())
+    assert not any(k.endswith(".pe") for k in flat)  # the pe buffers are not trained
+    for kind in ("motion_modules", "temporal_modules"):  # through their zero-initialised proj_outs
         assert flat[f"down_blocks.0.{kind}.0.temporal_transformer.proj_out.weight"] > 0, kind
     # the reference net is trained through the bank the conditional half reads
     ref_flat = [float(jnp.abs(g[...]).max()) for _, g in nnx.to_flat_state(ref_grads)]
