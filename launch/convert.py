@@ -244,15 +244,14 @@ def export_xnemo_torch(args) -> None:
     tmp = args.output.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name, state in convert.to_release(bundle).items():
-        role = next(r for r, n in convert.RELEASE_FILES.items() if n == name)
+    for role, state in convert.to_release(bundle).items():
         stored = summary.get(role, {})
         tensors = {}
         for key, value in state.items():
             tensor = torch.from_numpy(np.array(value))  # a writable copy
             dtype = getattr(torch, stored.get("keys", {}).get(key, stored.get("default", "float32")))
             tensors[key] = tensor.to(dtype) if tensor.is_floating_point() and dtype.is_floating_point else tensor
-        torch.save(tensors, os.path.join(tmp, name))
+        torch.save(tensors, os.path.join(tmp, convert.RELEASE_FILES[role]))
     os.replace(tmp, args.output)
     print(f"wrote {', '.join(convert.RELEASE_FILES.values())} to {args.output}")
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 
 import diffusers
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from xnemo_helpers import random_official_state
 
 from conftest import ROOT
@@ -109,8 +111,7 @@ def test_release_loads_in_the_official_order(release, loaded):
     assert set(dtypes["reference"].values()) == {"float16"} and dtypes["motion_encoder"][
         "model.bn1.num_batches_tracked"] == "int64"
     # nothing left abstract or in numpy: every variable is a device array
-    import jax
-    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(__import__("flax").nnx.state(bundle)))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(nnx.state(bundle)))
 
 
 def test_later_files_overwrite_and_the_sd_folder_fills_the_rest(release, tmp_path):
@@ -172,8 +173,6 @@ def test_convert_cli_round_trips_the_four_files_bit_for_bit(release, loaded, tmp
     assert cli.main(["xnemo", f"--official={folder}", f"--output={out}"]) == 0
     bundle, metadata = loading.load_xnemo(out)
     assert bundle.config == loaded[0].config and metadata["source"] == os.path.abspath(folder)
-    import jax
-    from flax import nnx
     ours, theirs = nnx.to_pure_dict(nnx.state(bundle)), nnx.to_pure_dict(nnx.state(loaded[0]))
     jax.tree.map(np.testing.assert_array_equal, ours, theirs)  # BatchStats and pe buffers included
     assert cli.main(["xnemo", "--to-torch", f"--checkpoint={out}", f"--output={back}"]) == 0

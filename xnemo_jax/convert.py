@@ -273,12 +273,13 @@ def release_paths(folder: str) -> dict[str, str]:
     return paths
 
 
-def read_torch_file(path: str, dtypes: dict | None = None) -> dict[str, np.ndarray]:
-    """A ``torch.save`` state dict read with torch's weights-only (safe) unpickler, as numpy arrays."""
+def read_torch_file(path: str, dtypes: dict | None = None, ignore=()) -> dict[str, np.ndarray]:
+    """A ``torch.save`` state dict (optionally under ``"state_dict"``) read with torch's weights-only (safe)
+    unpickler, as numpy arrays (``dtypes``, ``ignore``: see :func:`liax_jax.convert.read_state_dict`)."""
     from liax_jax import convert as liax_convert  # noqa: PLC0415
 
     try:
-        return liax_convert.read_state_dict(path, wrappers=("state_dict",), dtypes=dtypes)
+        return liax_convert.read_state_dict(path, wrappers=("state_dict",), ignore=ignore, dtypes=dtypes)
     except liax_convert.ConversionError as e:
         raise ConversionError(str(e)) from e
 
@@ -366,7 +367,7 @@ def load_official(folder: str, *, dtype: str = "float32", motion_encoder=None, d
     has that the network lacks, a shape mismatch, or a denoiser variable no file provides raises
     :class:`ConversionError` naming the file and the key. ``.pth`` files go through torch's weights-only
     unpickler (no code runs). ``dtypes`` (a dict) receives ``{file role: {key: stored dtype}}`` for the
-    four ``.pth`` files (what :func:`to_release` needs to write them back bit for bit).
+    four ``.pth`` files (what a writer of :func:`to_release`'s states needs to write them back bit for bit).
     """
     from xnemo_jax import denoiser as denoiser_lib  # noqa: PLC0415
     from xnemo_jax import model as model_lib  # noqa: PLC0415
@@ -392,27 +393,21 @@ def load_official(folder: str, *, dtype: str = "float32", motion_encoder=None, d
     return to_device(bundle)
 
 
-def to_release(bundle, dtypes: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
-    """``{file name: state dict}`` of the four official ``.pth`` files for an X-NeMo bundle, the inverse
-    of :func:`load_official`: ``xnemo_denoising_unet.pth`` = the denoiser's SD and ``motion_modules``
-    keys, ``xnemo_temporal_module.pth`` = its ``temporal_modules`` keys with the ``pe`` tables, the
-    reference net's 682 and the motion encoder's 407 keys. ``dtypes`` (``{role: {key: dtype name}}``, as
-    :func:`load_official` reports) casts floating arrays back to their stored dtype (``bfloat16`` is left
-    as float32 here: numpy has no bfloat16; the caller converts it)."""
+def to_release(bundle) -> dict[str, dict[str, np.ndarray]]:
+    """``{role: state dict}`` of the four official ``.pth`` files (:data:`RELEASE_FILES`) for an X-NeMo
+    bundle, the inverse of :func:`load_official`: ``denoising`` = the denoiser's SD and ``motion_modules``
+    keys, ``temporal`` = its ``temporal_modules`` keys with the ``pe`` tables, ``reference`` the reference
+    net's 682 and ``motion_encoder`` the motion encoder's 407 keys, as float32 (int64 step counters).
+    Casting back to a file's stored dtypes (``load_official``'s ``dtypes``) is the writer's job:
+    ``launch/convert.py xnemo --to-torch``."""
     from xnemo_jax import denoiser as denoiser_lib  # noqa: PLC0415
     from xnemo_jax import motion_encoder as motion_lib  # noqa: PLC0415
 
     den = denoiser_lib.to_official(bundle.denoiser)
-    states = {"denoising": {k: v for k, v in den.items() if ".temporal_modules." not in k},
-              "temporal": {k: v for k, v in den.items() if ".temporal_modules." in k},
-              "reference": denoiser_lib.to_official(bundle.reference_net),
-              "motion_encoder": motion_lib.to_official(bundle.motion_encoder)}
-    for role, state in states.items():
-        for key, value in state.items():
-            name = (dtypes or {}).get(role, {}).get(key)
-            if name and name != "bfloat16" and np.issubdtype(value.dtype, np.floating):
-                state[key] = value.astype(name)
-    return {RELEASE_FILES[role]: state for role, state in states.items()}
+    return {"denoising": {k: v for k, v in den.items() if ".temporal_modules." not in k},
+            "temporal": {k: v for k, v in den.items() if ".temporal_modules." in k},
+            "reference": denoiser_lib.to_official(bundle.reference_net),
+            "motion_encoder": motion_lib.to_official(bundle.motion_encoder)}
 
 
 # ------------------------------------------------------------------------------ AnimateDiff v2 modules
@@ -437,11 +432,7 @@ def load_animatediff(denoiser, state_or_path, *, source: str = "AnimateDiff chec
 
     if isinstance(state_or_path, (str, os.PathLike)):
         source = os.fspath(state_or_path)
-        from liax_jax import convert as liax_convert  # noqa: PLC0415
-        try:
-            state = liax_convert.read_state_dict(source, wrappers=("state_dict",), ignore=("animatediff_config",))
-        except liax_convert.ConversionError as e:
-            raise ConversionError(str(e)) from e
+        state = read_torch_file(source, ignore=("animatediff_config",))
     else:
         state = {k: (v.detach().cpu().float().numpy() if hasattr(v, "detach") else np.asarray(v))
                  for k, v in state_or_path.items()}

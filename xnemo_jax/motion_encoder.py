@@ -504,7 +504,7 @@ def build(config: MotionEncoderConfig | None = None, *, dtype=jnp.float32, abstr
 def load_official(state_dict_or_path, config: MotionEncoderConfig | None = None, *,
                   dtype=jnp.float32) -> MotionEncoder:
     """A :class:`MotionEncoder` with the weights of ``xnemo_motion_encoder.pth`` (a path: read weights-only
-    through :func:`liax_jax.convert.read_state_dict`; torch needed then) or of an official-layout state
+    through :func:`xnemo_jax.convert.read_torch_file`; torch needed then) or of an official-layout state
     dict. Built abstract first, so nothing is allocated twice."""
     source = "state dict"
     if isinstance(state_dict_or_path, (str, os.PathLike)):
