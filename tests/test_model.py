@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from xnemo_helpers import random_official_state
 
 from xnemo_jax import denoiser as D
 from xnemo_jax import model as M
@@ -45,22 +46,14 @@ def test_inconsistent_configs_are_refused():
     assert tiny.latent_size == 16
 
 
-def _randomized(module, seed: int):
-    """The abstract module with small random values in every variable (no slow per-parameter init)."""
-    graphdef, state = nnx.split(module)
-    rng = np.random.default_rng(seed)
-    pure = jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype), nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
-
-
 def test_tiny_bundle_runs_a_denoiser_window_forward_and_backward():
     """One training-style window of the tiny bundle: reference bank from the reference net (t = 0), then the
     denoiser over F = 4 frames for a CFG pair [uncond: no bank, cond: bank], the gradient of an MSE on
     epsilon with respect to both UNets. Measured on the 2-core CPU: see the printed line."""
     config = M.XNemoConfig.preset("tiny")
     bundle = M.abstract(config)
-    den, ref = _randomized(bundle.denoiser, 0), _randomized(bundle.reference_net, 1)
+    den, ref = (D.from_official(net, random_official_state(D.official_keys(net), seed))
+                for net, seed in ((bundle.denoiser, 0), (bundle.reference_net, 1)))
     graphdef, params, rest = nnx.split((den, ref), nnx.Param, ...)
     rng = np.random.default_rng(2)
     size, frames = config.latent_size, 4
