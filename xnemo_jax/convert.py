@@ -221,9 +221,7 @@ def load_pretrained(folder: str, kind: str, *, dtype="float32", **options):
     import jax  # noqa: PLC0415
     concrete = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nnx.to_pure_dict(abstract_state))
     nnx.replace_by_pure_dict(abstract_state, concrete)
-    model = assign(nnx.merge(graphdef, abstract_state), state, folder)
-    graphdef, filled = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(jax.numpy.asarray, filled))  # device arrays, not numpy
+    return to_device(assign(nnx.merge(graphdef, abstract_state), state, folder))  # device arrays, not numpy
 
 
 def to_device(model, *, partial: bool = False):
