@@ -448,7 +448,7 @@ class MidBlockTemporalDecoder(nnx.Module):
 
     def __call__(self, x: jax.Array, num_frames: int) -> jax.Array:
         x = self.resnets[0](x, num_frames)
-        for resnet, attention in zip(self.resnets[1:], self.attentions, strict=True):
+        for resnet, attention in zip(self.resnets[1:], self.attentions, strict=False):
             x = resnet(attention(x), num_frames)  # per-frame spatial self-attention
         return x
 
