@@ -265,10 +265,56 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None,
     return frames, reader.fps
 
 
+class _H264Writer:
+    """H.264 (libx264, yuv420p, CRF 18, the official X-NeMo writer's settings) through PyAV, with the
+    ``cv2.VideoWriter`` methods used here (``write`` takes RGB)."""
+
+    def __init__(self, path: str, fps: float, size: tuple[int, int]):
+        import fractions  # noqa: PLC0415
+
+        import av  # noqa: PLC0415
+
+        self._container = av.open(path, mode="w")
+        self._stream = self._container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1001))
+        self._stream.width, self._stream.height = size
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = {"crf": "18"}
+        self._frame = av.VideoFrame
+
+    def isOpened(self) -> bool:  # noqa: N802 - cv2.VideoWriter's name
+        return True
+
+    def write(self, rgb: np.ndarray) -> None:
+        for packet in self._stream.encode(self._frame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
+            self._container.mux(packet)
+
+    def release(self) -> None:
+        if self._container is None:
+            return
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        finally:
+            self._container.close()
+            self._container = None
+
+
+def h264_available() -> bool:
+    """Whether PyAV with libx264 is installed (the default mp4/mov encoder; else OpenCV's ``mp4v``)."""
+    try:
+        import av  # noqa: PLC0415
+
+        av.codec.Codec("libx264", "w")
+    except Exception:  # noqa: BLE001 - any import or codec lookup failure means "not available"
+        return False
+    return True
+
+
 class VideoWriter:
     """Writes uint8 RGB frames to an mp4 (or avi/mov/mkv) at a given fps, atomically.
 
-    Codecs: MPEG-4 part 2 (``mp4v``) for mp4/mov, Motion JPEG for avi, lossless FFV1 for mkv.
+    Codecs: H.264 (``h264``: libx264 through PyAV, yuv420p, CRF 18; playable everywhere) for mp4/mov when
+    PyAV is installed, else OpenCV's MPEG-4 part 2 (``mp4v``); Motion JPEG for avi, lossless FFV1 for mkv.
 
     The file appears at ``path`` only after :meth:`close` succeeds; leaving a ``with`` block through an
     exception deletes the partial output. All frames must have the size of the first one. The encoders
@@ -284,7 +330,7 @@ class VideoWriter:
         if not fps or fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.fps = float(fps)
-        self.codec = codec or {".avi": "MJPG", ".mkv": "FFV1"}.get(ext, "mp4v")
+        self.codec = codec or {".avi": "MJPG", ".mkv": "FFV1"}.get(ext, "h264" if h264_available() else "mp4v")
         self._atomic = atomic_output(self.path)
         self._tmp = None
         self._writer = None
@@ -302,8 +348,11 @@ class VideoWriter:
         if self._writer is None:
             self._tmp = self._atomic.__enter__()
             self._size = (w, h)
-            self._writer = cv2.VideoWriter(self._tmp, cv2.VideoWriter_fourcc(*self.codec), self.fps,
-                                           (w + w % 2, h + h % 2))
+            even = (w + w % 2, h + h % 2)
+            if self.codec == "h264":
+                self._writer = _H264Writer(self._tmp, self.fps, even)
+            else:
+                self._writer = cv2.VideoWriter(self._tmp, cv2.VideoWriter_fourcc(*self.codec), self.fps, even)
             if not self._writer.isOpened():
                 self.abort()
                 raise UserError(f"OpenCV cannot write {self.codec} video here", self.path)
@@ -311,7 +360,7 @@ class VideoWriter:
             raise ValueError(f"frame size {(w, h)} differs from the first frame's {self._size}")
         if h % 2 or w % 2:
             frame = cv2.copyMakeBorder(frame, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
-        self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        self._writer.write(frame if self.codec == "h264" else cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         self.num_frames += 1
 
     def write_many(self, frames: Iterable[np.ndarray]) -> None:
