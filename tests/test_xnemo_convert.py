@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import os
 
-import diffusers
 import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import nnx
-from xnemo_helpers import random_official_state
+from xnemo_helpers import random_official_state, save_pth, write_tiny_release
 
 from conftest import ROOT
 from xnemo_jax import convert
@@ -29,42 +27,15 @@ from xnemo_jax import denoiser as D
 from xnemo_jax import model as M
 from xnemo_jax import motion_encoder as ME
 
-UNET = dict(M.TINY_UNET, sample_size=16)  # 16 latent pixels x VAE scale 4 = the tiny bundle's 64² images
-VAE_FIELDS = ("in_channels", "out_channels", "down_block_types", "block_out_channels", "layers_per_block",
-              "latent_channels", "sample_size", "scaling_factor", "force_upcast")
 PERCEPTION_KEYS = os.path.join(ROOT, "..", "shared", "reference", "perception_nets_keys.txt")
-
-
-def _split(state: dict) -> tuple[dict, dict]:
-    temporal = {k: v for k, v in state.items() if ".temporal_modules." in k}
-    return {k: v for k, v in state.items() if k not in temporal}, temporal
-
-
-def _save(path: str, state: dict) -> None:
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, path)
 
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    """``(folder, files)``: the fake release and the state dicts written to its four .pth files."""
+    """``(folder, files, SD UNet state)``: the fake release and the state dicts written to its .pth files."""
     folder = str(tmp_path_factory.mktemp("xnemo_release"))
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(**UNET)
-    unet.save_pretrained(os.path.join(folder, convert.RELEASE_FOLDERS["unet"]))
-    clip = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**M.TINY_CLIP))
-    clip.save_pretrained(os.path.join(folder, convert.RELEASE_FOLDERS["image_encoder"]))
-    vae = diffusers.AutoencoderKLTemporalDecoder(**{k: M.TINY_VAE[k] for k in VAE_FIELDS})
-    vae.save_pretrained(os.path.join(folder, convert.RELEASE_FOLDERS["vae"]))
-
-    bundle = M.abstract(M.XNemoConfig.preset("tiny"))
-    denoising, temporal = _split(random_official_state(D.official_keys(bundle.denoiser), 1, pe_noise=0.01))
-    files = {"denoising": denoising, "temporal": temporal,
-             "reference": {k: v.astype(np.float16) for k, v in
-                           random_official_state(D.official_keys(bundle.reference_net), 2).items()},
-             "motion_encoder": random_official_state(ME.official_keys(bundle.motion_encoder), 3)}
-    for role, state in files.items():
-        _save(os.path.join(folder, convert.RELEASE_FILES[role]), state)
-    return folder, files, unet.state_dict()
+    files, sd_unet = write_tiny_release(folder)
+    return folder, files, sd_unet
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +55,7 @@ def _variant(release, tmp_path, **files) -> str:
         if role not in files:
             os.symlink(os.path.join(release[0], name), os.path.join(folder, name))
         elif files[role] is not None:
-            _save(os.path.join(folder, name), files[role])
+            save_pth(os.path.join(folder, name), files[role])
     return folder
 
 
