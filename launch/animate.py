@@ -1,5 +1,6 @@
 r"""Animate, edit and manipulate real portraits and videos with a trained or converted model.
 
+    python launch/animate.py xnemo --checkpoint=CKPT --source=face.jpg --driving=talk.mp4 --output=out.mp4
     python launch/animate.py liax --checkpoint=CKPT --source=face.jpg --driving=talk.mp4 --output=out.mp4
     python launch/animate.py liax --checkpoint=CKPT --mode=img_edit --source=face.jpg \
         --edit=yaw=-0.3,mouth=0.2 --output=edit.png
@@ -10,7 +11,9 @@ r"""Animate, edit and manipulate real portraits and videos with a trained or con
     python launch/animate.py liax --checkpoint=CKPT --mode=interpolation --source=face.jpg \
         --driving=a.jpg --driving=b.jpg --output=morph.mp4
 
-Modes (the official equations, ``liax_jax/inference.py``):
+X-NeMo (diffusion): see ``launch/xnemo_animate.py`` and ``python launch/animate.py xnemo --help``.
+
+LIA-X modes (the official equations, ``liax_jax/inference.py``):
 
 * ``animation`` (default): the source image moves like the driving video (relative to its first frame).
 * ``img_edit``: the source image with the ``--edit`` directions applied (png/jpg output).
@@ -51,6 +54,7 @@ import numpy as np  # noqa: E402
 
 from input_pipeline import portrait, video_io  # noqa: E402
 from input_pipeline.errors import UserError  # noqa: E402
+from launch import xnemo_animate  # noqa: E402
 
 MODES = ("animation", "img_edit", "vid_edit", "manipulation", "interpolation")
 IMAGE_MODES = ("img_edit",)
@@ -429,17 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default: the checkpoint's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    xnemo_animate.add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.steps < 1:
-            raise UserError("must be >= 1", "--steps")
-        check_args(args)
-        job = Job(args)
-        count = job.run()
+        if args.model == "xnemo":
+            count = xnemo_animate.main(args)
+        else:
+            if args.steps < 1:
+                raise UserError("must be >= 1", "--steps")
+            check_args(args)
+            count = Job(args).run()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
