@@ -69,3 +69,14 @@ def optimized_xla():
     jax.config.update("jax_disable_most_optimizations", False)
     yield
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+# The longest modules first, so that a parallel run (README: ``pytest -n 2 --dist loadfile``) starts them
+# at once instead of ending with one worker alone on them (within a module the order is unchanged).
+SLOW_MODULES = ("test_train.py", "test_train_sharding.py", "test_liax_parity.py", "test_xnemo_animate.py",
+                "test_sampling.py", "test_animate.py", "test_model.py", "test_denoiser.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
