@@ -71,7 +71,8 @@ def optimized_xla():
     jax.config.update("jax_disable_most_optimizations", previous)
 
 
-# The longest modules first, so that a parallel run (README: ``pytest -n 2 --dist loadfile``) starts them
+# The longest modules first, so that a parallel run (README: ``pytest -n 2 --dist loadfile
+# --no-loadscope-reorder``; xdist would otherwise order files by test count) starts them
 # at once instead of ending with one worker alone on them (within a module the order is unchanged).
 SLOW_MODULES = ("test_train.py", "test_train_sharding.py", "test_liax_parity.py", "test_xnemo_animate.py",
                 "test_sampling.py", "test_animate.py", "test_model.py", "test_denoiser.py")
