@@ -228,6 +228,72 @@ class MakeClip:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class MakeXNemoClip:
+    """X-NeMo training examples: a reference frame and ``num_frames`` consecutive target frames of one clip
+    (``num_frames=1``: the image/motion stages' pairs), each target frame's face crop for the motion
+    encoder, the reference's own crop (the unconditional branch's motion) and its CLIP input.
+
+    Keys: ``reference`` (H, W, 3) and ``frames`` (F, H, W, 3) uint8 at ``resolution`` (the clean loose
+    frames: the denoising targets), ``motion`` (F, m, m, 3) uint8 at ``motion_size`` (face-centred crops,
+    augmented with ``augment`` when given: colour jitter, scale, piecewise affine, crop jitter; otherwise
+    the plain tight crop of ``tight`` x the face box), ``reference_motion`` (m, m, 3) (always plain),
+    ``f_rts`` (F, 3) (dy, dx, s) of each frame's box against the reference's (``crops.relative_box_
+    transform``), ``clip_pixels`` (c, c, 3) float32 (``xnemo_jax.clip.preprocess`` of the reference) and
+    the indices. The reference is another frame of the clip than the targets where the clip allows it.
+    """
+
+    resolution: int
+    num_frames: int
+    motion_size: int
+    clip_size: int = 224
+    augment: object | None = None   # input_pipeline.augment.AugmentConfig
+    tight: float = 1.1              # plain motion crop side = tight x max(box w, h) (the official driving crop)
+
+    def __call__(self, item, rng: np.random.Generator):
+        from input_pipeline import augment as aug  # noqa: PLC0415
+        from xnemo_jax import clip as clip_lib  # noqa: PLC0415
+
+        clip_index, clip = item
+        n, f = clip.num_frames, self.num_frames
+        if n < f + 1:
+            raise UserError(f"clip {clip_index} has {n} frames; X-NeMo examples of {f} frame(s) need {f + 1}")
+        start = int(rng.integers(n - f + 1))
+        ref = int(rng.integers(n - f))
+        ref = ref + f if ref >= start else ref   # outside the target frames
+        indices = list(range(start, start + f)) + [ref]
+        frames, boxes, _ = take_frames(clip, indices)
+        frames, boxes = _fit(frames, boxes, self.resolution)
+        plain = aug.AugmentConfig(p_color=0.0, p_scale=0.0, p_piecewise=0.0, crop_scale=(self.tight, self.tight),
+                                  crop_jitter=0.0)
+        motion = [aug.augment_driving(frames[k], boxes[k], rng, self.augment or plain, self.motion_size)[0]
+                  for k in range(f)]
+        reference_motion = aug.augment_driving(frames[-1], boxes[-1], rng, plain, self.motion_size)[0]
+        return {"reference": frames[-1], "frames": frames[:-1], "motion": np.stack(motion),
+                "reference_motion": reference_motion,
+                "f_rts": crops.relative_box_transform(boxes[-1], boxes[:-1]).astype(np.float32),
+                "clip_pixels": clip_lib.preprocess(frames[-1], self.clip_size)[0],
+                "clip_index": np.int32(clip_index), "start": np.int32(start), "reference_index": np.int32(ref)}
+
+
+def xnemo_dataset(source, *, batch_size: int, resolution: int, num_frames: int, motion_size: int,
+                  clip_size: int = 224, augment=None, seed: int = 0, shuffle: bool = True,
+                  num_epochs: int | None = None, shard_index: int | None = None,
+                  shard_count: int | None = None) -> grain.MapDataset:
+    """Batches of :class:`MakeXNemoClip` examples (``batch_size`` per process)."""
+    ds = _base(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, shard_index=shard_index,
+               shard_count=shard_count)
+    ds = ds.random_map(MakeXNemoClip(resolution, num_frames, motion_size, clip_size, augment))
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def xnemo_eval_batches(source, *, batch_size: int, num_batches: int, seed: int = 0, **kwargs) -> list[dict]:
+    """A fixed list of un-augmented :func:`xnemo_dataset` batches from held-out clips (same arguments, same
+    batches: eval metrics are comparable across steps and runs)."""
+    ds = xnemo_dataset(source, batch_size=batch_size, seed=seed, augment=None, **kwargs)
+    return [ds[i] for i in range(num_batches)]
+
+
 class _Indexed(grain.sources.RandomAccessDataSource):
     """``(index, clip)`` items, so pipelines can report which clip an element came from."""
 

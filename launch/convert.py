@@ -4,6 +4,8 @@ r"""Converts official PyTorch checkpoints to portrait-jax params checkpoints (Or
     python launch/convert.py liax --to-torch --checkpoint=checkpoints/liax-official --output=lia-x.pt
     python launch/convert.py liax --from-train=runs/mine --output=checkpoints/mine --directions=smile=3,yaw=7
     python launch/convert.py vgg19 --torch-checkpoint=vgg19-dcbb9e9d.pth --output=checkpoints/vgg19
+    python launch/convert.py resnet50 --torch-checkpoint=resnet50-0676ba61.pth --output=checkpoints/resnet50
+    python launch/convert.py vggface2 --torch-checkpoint=resnet50_ft_weight.pkl --output=checkpoints/vggface2
     python launch/convert.py sd --unet=sd-image-variations-diffusers/unet --vae=svd-xt/vae \
         --clip=sd-image-variations-diffusers/image_encoder --output=checkpoints/sd
     python launch/convert.py xnemo --official=xnemo-release --output=checkpoints/xnemo-official
@@ -27,6 +29,14 @@ new folder, bit for bit (``xnemo_denoising_unet.pth`` = SD + ``motion_modules`` 
 ``vgg19`` converts torchvision's ImageNet VGG19 (the perceptual-loss network, :mod:`liax_jax.vgg`); only
 the convolutions up to relu5_1 are kept, the others and the classifier are listed in the metadata as
 ``ignored_keys``.
+
+``resnet50`` (torchvision's ImageNet ResNet-50) and ``vggface2`` (cydonia999's VGGFace2 ResNet-50: a plain
+pickle of numpy arrays, ``.pkl``, or a torch state dict) write a ``"resnet"`` params checkpoint of
+:mod:`perception.resnet` (parameters and BatchNorm statistics; ``model.json`` holds the ``ResNetConfig``).
+Both files use the same key names; the subcommand picks the layout. ``--preset`` names the depth/width
+(``resnet50``; ``tiny`` for tests), the number of classes is read from ``fc.weight`` (0 when the file has
+no ``fc``); ``num_batches_tracked`` entries are ignored. Pickles are read with an unpickler that only
+builds numpy arrays.
 """
 
 from __future__ import annotations
@@ -154,6 +164,72 @@ def convert_vgg19(args) -> None:
     print(f"wrote VGG19 params ({args.torch_checkpoint}) to {args.output}")
 
 
+def _read_pickled_arrays(path: str) -> dict:
+    """A plain pickle of ``{name: numpy array}`` (cydonia999's VGGFace2 format, Python 2 protocol); only
+    numpy arrays (and dicts) may be built, so a hostile pickle cannot run code."""
+    import pickle  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from liax_jax.convert import ConversionError  # noqa: PLC0415
+
+    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
+               ("_codecs", "encode")}  # protocol-2 pickles written by Python 3 encode bytes with it
+
+    class ArraysOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise pickle.UnpicklingError(f"refusing to build {module}.{name}")
+            return super().find_class(module, name)
+
+    if not os.path.exists(path):
+        raise ConversionError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            state = ArraysOnly(f, encoding="latin1").load()
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"{path}: not a readable pickle of numpy arrays ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray)
+                                              for k, v in state.items()):
+        raise ConversionError(f"{path}: not a pickled dict of numpy arrays")
+    return dict(state)
+
+
+def convert_resnet(args) -> None:
+    """``resnet50`` / ``vggface2``: a torchvision-named ResNet state dict -> a ``resnet`` params checkpoint."""
+    import dataclasses  # noqa: PLC0415
+
+    from flax import nnx  # noqa: PLC0415
+
+    from input_pipeline.errors import UserError  # noqa: PLC0415
+    from launch import checkpointing  # noqa: PLC0415
+    from liax_jax import convert  # noqa: PLC0415
+    from perception import resnet  # noqa: PLC0415
+
+    layout = "torchvision" if args.model == "resnet50" else "vggface2"
+    try:
+        config = resnet.ResNetConfig.preset(args.preset, layout=layout)
+    except ValueError as e:
+        raise UserError(str(e), "--preset") from e
+    path = args.torch_checkpoint
+    try:
+        if path.endswith((".pkl", ".pickle")):
+            state = _read_pickled_arrays(path)
+        else:
+            state = convert.read_state_dict(path)
+        fc = state.get("fc.weight")
+        config = dataclasses.replace(config, num_classes=int(fc.shape[0]) if fc is not None else 0)
+        model = resnet.from_torch(state, config)
+    except ValueError as e:  # ConversionError is a ValueError
+        raise _conversion_error(e, path) from e
+    checkpointing.save_params(args.output, "resnet", config.to_dict(), nnx.to_pure_dict(nnx.state(model)),
+                              {"source": os.path.basename(path)})
+    print(f"wrote {args.model} ResNet params ({path}: {layout} layout, {config.num_classes} classes) "
+          f"to {args.output}")
+
+
 def _diffusers_kind(folder: str, default: str) -> str:
     from xnemo_jax import convert  # noqa: PLC0415
 
@@ -273,6 +349,16 @@ def main(argv=None) -> int:
     p = sub.add_parser("vgg19", help="torchvision ImageNet VGG19 for the perceptual loss (vgg19-dcbb9e9d.pth)")
     p.add_argument("--torch-checkpoint", required=True, help="torchvision vgg19 state dict (.pth/.safetensors)")
     p.add_argument("--output", required=True, help="output folder")
+    for name, help_, file_help in (
+            ("resnet50", "torchvision ImageNet ResNet-50 (resnet50-0676ba61.pth)",
+             "torchvision resnet50 state dict (.pth/.safetensors)"),
+            ("vggface2", "VGGFace2 ResNet-50, cydonia999 layout (resnet50_ft_weight.pkl)",
+             "plain pickle of numpy arrays (.pkl) or a torch state dict (.pth)")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--torch-checkpoint", required=True, help=file_help)
+        p.add_argument("--output", required=True, help="output folder")
+        p.add_argument("--preset", default="resnet50",
+                       help="perception.resnet preset for depth/width (resnet50; tiny for tests)")
     p = sub.add_parser("sd", help="Stable Diffusion parts for X-NeMo (diffusers/transformers folders)")
     p.add_argument("--unet", help="UNet2DConditionModel folder (config.json + weights)")
     p.add_argument("--vae", help="AutoencoderKL or AutoencoderKLTemporalDecoder folder")
@@ -288,7 +374,8 @@ def main(argv=None) -> int:
 
     from input_pipeline.errors import UserError  # noqa: PLC0415
     try:
-        {"liax": convert_liax, "vgg19": convert_vgg19, "sd": convert_sd, "xnemo": convert_xnemo}[args.model](args)
+        {"liax": convert_liax, "vgg19": convert_vgg19, "resnet50": convert_resnet, "vggface2": convert_resnet,
+         "sd": convert_sd, "xnemo": convert_xnemo}[args.model](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

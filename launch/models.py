@@ -4,6 +4,8 @@ A model package's training module exposes ``make_task(config) -> task`` where ``
 
 * ``init(rng) -> state``: a pure, jit-able initialiser of the trainable state (params and optimizer
   states; nnx ``Variable`` leaves may carry logical axis names, see :mod:`launch.sharding`);
+  a task with ``eager_init = True`` is initialised op by op and then placed (compiling thousands of
+  small random initialisers can take minutes on a CPU);
 * ``frozen_weights() -> {name: (path, abstract_tree)}``: pretrained, non-trained weights the steps need
   (e.g. VGG19); the runtime loads each params checkpoint from ``path`` replicated;
 * ``train_step(state, frozen, batch, step, rng) -> (state, metrics)``: one optimisation step; ``metrics``
@@ -21,7 +23,7 @@ import importlib
 
 from input_pipeline.errors import UserError
 
-TASKS = {"liax": "liax_jax.training"}
+TASKS = {"liax": "liax_jax.training", "xnemo": "xnemo_jax.training"}
 
 
 def make_task(config):

@@ -92,7 +92,7 @@ def _check_batch(config, mesh) -> int:
     return config.batch_size // procs
 
 
-def _make_data(config, per_process: int, with_eval: bool):
+def _make_data(config, per_process: int, with_eval: bool, task=None):
     """The training iterator and the eval batch sets (none when evaluation is off: the eval split is then
     never opened, so a dataset without one trains)."""
     from input_pipeline import pipeline  # noqa: PLC0415
@@ -101,8 +101,19 @@ def _make_data(config, per_process: int, with_eval: bool):
     train_source = pipeline.open_source(d.path, "train", synthetic_clips=d.synthetic_clips,
                                         synthetic_frames=d.synthetic_frames, synthetic_size=d.resolution,
                                         seed=config.seed)
-    ds = pipeline.pairs_dataset(train_source, batch_size=per_process, resolution=d.resolution, seed=config.seed,
-                                max_gap=d.max_gap)
+    xnemo = config.get("model_name") == "xnemo"
+    if xnemo:  # reference + target frames + motion crops (xnemo_jax/training.py)
+        from input_pipeline import augment  # noqa: PLC0415
+
+        xkw = dict(resolution=d.resolution, num_frames=d.num_frames, motion_size=task.motion_size,
+                   clip_size=task.clip_size)
+        ds = pipeline.xnemo_dataset(train_source, batch_size=per_process, seed=config.seed,
+                                    augment=augment.AugmentConfig(**{k: tuple(v) if isinstance(v, (list, tuple))
+                                                                     else v for k, v in dict(config.augment).items()}),
+                                    **xkw)
+    else:
+        ds = pipeline.pairs_dataset(train_source, batch_size=per_process, resolution=d.resolution,
+                                    seed=config.seed, max_gap=d.max_gap)
     train_it = pipeline.make_iterator(ds, worker_count=d.worker_count, read_threads=d.read_threads,
                                       prefetch=d.prefetch)
     if not with_eval:
@@ -117,9 +128,13 @@ def _make_data(config, per_process: int, with_eval: bool):
         raise UserError("the 'eval' split of this dataset is empty: re-prepare it with launch/prepare_data.py "
                         "--eval_fraction=0.1 (with two or more videos at least one is then held out) or train "
                         "without evaluation with --config.eval_every_steps=0", err.path) from err
-    eval_sets = {"": pipeline.eval_batches(eval_source, batch_size=per_process, num_batches=e.num_batches,
-                                           resolution=d.resolution, seed=config.seed + 17)}
-    if not d.path and e.cross_identity_batches > 0:
+    if xnemo:
+        eval_sets = {"": pipeline.xnemo_eval_batches(eval_source, batch_size=per_process, num_batches=e.num_batches,
+                                                     seed=config.seed + 17, **xkw)}
+    else:
+        eval_sets = {"": pipeline.eval_batches(eval_source, batch_size=per_process, num_batches=e.num_batches,
+                                               resolution=d.resolution, seed=config.seed + 17)}
+    if not xnemo and not d.path and e.cross_identity_batches > 0:
         eval_sets["cross_"] = pipeline.cross_identity_batches(
             batch_size=per_process, num_batches=e.cross_identity_batches, resolution=d.resolution,
             seed=config.seed + 29, num_frames=d.synthetic_frames)
@@ -165,7 +180,10 @@ class Runtime:
         with jax.set_mesh(self.mesh):
             self.abstract = jax.eval_shape(init_fn)
         self.shardings = sharding.state_shardings(self.abstract, self.mesh, self.rules)
-        self.init_fn = jax.jit(init_fn, out_shardings=self.shardings)
+        if getattr(task, "eager_init", False):  # many small random initialisers: op by op beats compiling them
+            self.init_fn = lambda: jax.device_put(init_fn(), self.shardings)
+        else:
+            self.init_fn = jax.jit(init_fn, out_shardings=self.shardings)
         self.frozen = _load_frozen(task, self.mesh)
         frozen_sh = jax.tree.map(lambda _: sharding.replicated(self.mesh), self.frozen)
         batch_sh = sharding.batch_sharding(self.mesh)
@@ -188,7 +206,8 @@ class Runtime:
         self.eval_step = jax.jit(eval_step, in_shardings=(self.shardings, frozen_sh, batch_sh),
                                  out_shardings=(repl, repl, repl))
 
-        self.train_it, self.eval_sets = _make_data(config, self.per_process, int(config.eval_every_steps) > 0)
+        self.train_it, self.eval_sets = _make_data(config, self.per_process, int(config.eval_every_steps) > 0,
+                                                    task)
         self.checkpointer = checkpointing.TrainCheckpointer(os.path.join(self.workdir, "checkpoints"),
                                                             max_to_keep=config.checkpoint_keep)
         self.writer = metrics.create_writer(self.workdir, is_main=self.is_main)

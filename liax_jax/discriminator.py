@@ -16,7 +16,8 @@ Channels by feature-map size are ``{4..32: 512, 64: 256 cm, 128: 128 cm, 256: 64
 values give tiny test/demo models). The 256² ``cm=1`` discriminator has 24,001,089 parameters.
 
 Public API: ``DiscriminatorConfig``, ``Discriminator(config, rngs=...)`` with ``__call__(x) -> logits (B, 1)``
-and ``official_entries()``; ``load_official(state_dict_or_path, config)`` (the ``dis`` entry of an original
+(``__call__(x, return_features=True) -> (logits, feature maps)``, for feature matching) and
+``official_entries()``; ``load_official(state_dict_or_path, config)`` (the ``dis`` entry of an original
 LIA checkpoint, a bare state dict, or a file) and ``to_official(model)``.
 """
 
@@ -125,23 +126,29 @@ class Discriminator(nnx.Module):
     def dtype(self):
         return self.config.compute_dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, return_features: bool = False):
         """Images (B, R, R, 3) in [-1, 1] -> logits (B, 1) in the compute dtype.
 
+        ``return_features=True`` returns ``(logits, features)`` instead: the NHWC feature maps after
+        ``convs[0]`` (R x R), after every ResBlock (R/2 ... 4) and after ``final_conv`` (4 x 4), i.e.
+        ``log2(R)`` maps, fine to coarse (for feature-matching losses). The logits are the same either way.
         B must be divisible by ``min(B, stddev_group)`` (ValueError otherwise).
         """
         r = self.config.resolution
         if x.ndim != 4 or x.shape[1:] != (r, r, 3):
             raise ValueError(f"expected images of shape (B, {r}, {r}, 3), got {tuple(x.shape)}")
         h = x.astype(self.dtype)
+        features = []
         for layer in self.convs:
             h = layer(h)
+            features.append(h)
         h = minibatch_stddev(h, self.config.stddev_group, self.config.stddev_feat)
         h = self.final_conv(h)                                    # (B, 4, 4, C)
+        features.append(h)
         h = jnp.transpose(h, (0, 3, 1, 2)).reshape(h.shape[0], -1)  # PyTorch's (C, H, W) flatten order
         for layer in self.final_linear:
             h = layer(h)
-        return h
+        return (h, features) if return_features else h
 
     def official_entries(self) -> dict:
         """Official state-dict key -> (nnx.Param or constant ndarray, layout tag), as in ``LiaX``."""

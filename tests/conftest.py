@@ -74,8 +74,8 @@ def optimized_xla():
 # The longest modules first, so that a parallel run (README: ``pytest -n 2 --dist loadfile
 # --no-loadscope-reorder``; xdist would otherwise order files by test count) starts them
 # at once instead of ending with one worker alone on them (within a module the order is unchanged).
-SLOW_MODULES = ("test_train.py", "test_train_sharding.py", "test_liax_parity.py", "test_xnemo_animate.py",
-                "test_sampling.py", "test_animate.py", "test_model.py", "test_denoiser.py")
+SLOW_MODULES = ("test_train.py", "test_train_sharding.py", "test_xnemo_training.py", "test_liax_parity.py",
+                "test_xnemo_animate.py", "test_sampling.py", "test_animate.py", "test_model.py", "test_denoiser.py")
 
 
 def pytest_collection_modifyitems(items):

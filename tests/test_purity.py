@@ -1,8 +1,8 @@
 """The model packages are pure math: they import with jax, flax, optax and numpy alone (../shared/DESIGN.md).
 
-Every module of ``liax_jax`` and ``xnemo_jax`` is imported in a fresh interpreter in which the runtime
-layers and the heavy optional packages cannot be imported at all, so a stray import (even a lazy one at
-module level, or one reaching up into ``launch/``) fails here instead of on a bare GPU machine.
+Every module of ``liax_jax``, ``xnemo_jax`` and ``perception`` is imported in a fresh interpreter in which
+the runtime layers and the heavy optional packages cannot be imported at all, so a stray import (even a
+lazy one at module level, or one reaching up into ``launch/``) fails here instead of on a bare GPU machine.
 """
 
 import subprocess
@@ -27,7 +27,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 sys.path.insert(0, sys.argv[2])
 names = []
-for package in ("liax_jax", "xnemo_jax"):
+for package in ("liax_jax", "xnemo_jax", "perception"):
     pkg = importlib.import_module(package)
     for info in pkgutil.walk_packages(pkg.__path__, package + "."):
         importlib.import_module(info.name)
@@ -60,7 +60,7 @@ def test_model_packages_never_import_the_runtime_layers_even_lazily():
     import pathlib
 
     found = []
-    for package in ("liax_jax", "xnemo_jax"):
+    for package in ("liax_jax", "xnemo_jax", "perception"):
         for path in sorted(pathlib.Path(ROOT, package).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Import):

@@ -309,25 +309,27 @@ class Denoiser(unet.UNet2DConditionModel):
             # the official up-block rule 2 ** (3 - i) assumes 4 levels (§5b)
             attach(block, channels[::-1][i], 2 ** (3 - i) in resolutions)
 
-    def _after_layer(self, block, j: int, x: jax.Array, *, frames: int, motion: jax.Array | None) -> jax.Array:
+    def _after_layer(self, block, j: int, x: jax.Array, *, frames: int, motion: jax.Array | None,
+                     temporal: bool = True) -> jax.Array:
         mm = getattr(block, "motion_modules", None)
         if mm is not None:
             x = mm[j](x, frames, motion)
-        tm = getattr(block, "temporal_modules", None)
+        tm = getattr(block, "temporal_modules", None) if temporal else None
         if tm is not None:
             x = tm[j](x, frames)
         return x
 
     def __call__(self, latents: jax.Array, timestep, clip_context: jax.Array, motion_tokens: jax.Array | None = None,
                  *, bank: Mapping[str, jax.Array] | None = None, bank_mask: jax.Array | None = None,
-                 skip_mm: bool = False) -> jax.Array:
+                 skip_mm: bool = False, skip_temporal: bool = False) -> jax.Array:
         """epsilon ``(B, F, h, w, out_channels)``.
 
         ``timestep`` scalar or ``(B,)`` (the same for every frame of a clip); ``clip_context``
         ``(B, L, D)``; ``motion_tokens`` ``(B, F, N, motion cross_attention_dim)`` (unused with
         ``skip_mm``); ``bank`` from :func:`reference_bank` / :func:`mask_bank`, ``{key: (B or 1, S, C)}``;
         ``bank_mask`` ``(B,)`` bool: the examples that read the bank (default all; CFG's unconditional
-        half: False); ``skip_mm``: no motion / temporal modules (image mode).
+        half: False); ``skip_mm``: no motion / temporal modules (image mode); ``skip_temporal``: the motion
+        modules without the temporal ones (training's motion stage, on single frames).
         """
         if latents.ndim != 5:
             raise ValueError(f"latents must be (B, F, h, w, C), got shape {latents.shape}")
@@ -355,7 +357,8 @@ class Denoiser(unet.UNet2DConditionModel):
             motion = None
             if cfg.use_motion_module:
                 motion = motion_tokens.reshape((b * f,) + motion_tokens.shape[2:]).astype(self.dtype)
-            hook = lambda block, j, x: self._after_layer(block, j, x, frames=f, motion=motion)  # noqa: E731
+            hook = lambda block, j, x: self._after_layer(block, j, x, frames=f, motion=motion,  # noqa: E731
+                                                         temporal=not skip_temporal)
         out = super().__call__(latents.reshape(b * f, h, w, c), t, ctx, bank=expand_bank(bank, b, f),
                                bank_mask=mask, after_layer=hook)
         return out.reshape((b, f) + out.shape[1:])
