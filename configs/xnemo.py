@@ -28,7 +28,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(preset=variant, dtype="float32" if tiny else "bfloat16"))
     # Initial weights (official): init.sd = a launch/convert.py output holding the sd-image-variations UNet,
     # CLIP and the SVD VAE; init.animatediff = AnimateDiff v2 temporal modules; init.from_workdir = a previous
-    # stage's run. (Loading them is still to come: see the README's X-NeMo training status.)
+    # stage's run (xnemo_jax/training.py loads it; init.sd / init.animatediff are not supported yet: refused).
     c.init = ml_collections.ConfigDict(dict(sd="", animatediff="", from_workdir=""))
 
     resolution = 64 if tiny else 512

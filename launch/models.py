@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 
 from input_pipeline.errors import UserError
+from launch import checkpointing
 
 TASKS = {"liax": "liax_jax.training", "xnemo": "xnemo_jax.training"}
 
@@ -32,6 +33,21 @@ def make_task(config):
         raise UserError(f"unknown model_name {name!r}; trainable models: {sorted(TASKS)}", "config.model_name")
     module = importlib.import_module(TASKS[name])
     try:
-        return module.make_task(config)
+        task = module.make_task(config)
+        previous = getattr(task, "init_from_workdir", "")
+        if previous:
+            _attach_previous_run(task, previous)
+        return task
     except ValueError as e:
         raise UserError(str(e), "config") from e
+
+
+def _attach_previous_run(task, path: str) -> None:
+    """``init.from_workdir``: the newest checkpoint of a previous training run of the same model; the task
+    restores the subtrees it needs from it (no optimizer states) in its ``init``."""
+    found = checkpointing.find_model_checkpoint(path)
+    if found.kind != "train" or found.model != task.name:
+        raise UserError(f"init.from_workdir needs a {task.name} training run, found a "
+                        f"{found.model or 'unknown'!r} {found.kind} checkpoint", found.path)
+    task.attach_previous_run(found.train_config or {}, f"{found.path}, step {found.step}",
+                             lambda abstract: checkpointing.restore_model_params(found, abstract, ("model",)))

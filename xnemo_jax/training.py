@@ -179,6 +179,14 @@ def face_net_config() -> resnet.ResNetConfig:
 
 
 # ------------------------------------------------------------------------------------------ task
+def _deep_update(out: dict, tree: dict) -> None:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            _deep_update(out.setdefault(k, {}), v)
+        else:
+            out[k] = v
+
+
 class XNemoTask:
     """init / train_step / eval_step for X-NeMo (see :mod:`launch.models`)."""
 
@@ -197,6 +205,7 @@ class XNemoTask:
         if self.num_frames > 1 and not self.uses_temporal:
             raise ValueError(f"stage {self.stage!r} trains on single frames: set data.num_frames=1 "
                              f"(clips are for the temporal, finetune and all stages)")
+        self.model_config_source = dict(m)
         self.recipe = Recipe(**{k: v for k, v in dict(config.diffusion).items()})
         self.tx = make_optimizer(config.optim)
         self.schedule = ddim.make_schedule(ddim.XNEMO_DDIM_CONFIG)
@@ -204,6 +213,14 @@ class XNemoTask:
         e = config.eval
         self.sample_steps, self.guidance = int(e.sample_steps), float(e.guidance)
         self.filters = (_trainable_filter(self.stage), nnx.Param, ...)
+        init = config.get("init", {})
+        for name in ("sd", "animatediff"):
+            if init.get(name, ""):
+                raise ValueError(f"init.{name} is not supported yet (loading converted Stable Diffusion / AnimateDiff "
+                                 f"weights into a training run is still to come); leave --config.init.{name} empty "
+                                 "or start from a previous run with --config.init.from_workdir=DIR")
+        self.init_from_workdir = str(init.get("from_workdir", "") or "")
+        self.previous_run = None   # (train config, description, restore): set by launch/models.py
         abstract = model_lib.abstract(self.model_config)
         self.graphdef = nnx.split(abstract, *self.filters)[0]
 
@@ -243,15 +260,71 @@ class XNemoTask:
     # ------------------------------------------------------------------------------------------ state
     def init(self, rng):
         model = model_lib.XNemo(self.model_config, rngs=nnx.Rngs(rng))
+        head = gan_lib.GanHead(self.gan_config, rngs=nnx.Rngs(jax.random.fold_in(rng, 1))) if self.use_gan else None
+        if self.init_from_workdir:
+            self._load_previous_stage(model, head)
         _, trainable, fixed, buffers = nnx.split(model, *self.filters)
         state = {"trainable": trainable, "fixed": fixed, "buffers": buffers, "opt": self.tx.init(trainable)}
         if self.use_gan:
-            head = gan_lib.GanHead(self.gan_config, rngs=nnx.Rngs(jax.random.fold_in(rng, 1)))
             _, gen, gen_buffers = nnx.split(head.generator, nnx.Param, ...)
             disc = nnx.state(head.discriminator, nnx.Param)
             state.update(gan_generator=gen, gan_buffers=gen_buffers, opt_gan=self.tx_gan.init(gen),
                          discriminator=disc, opt_d=self.tx_d.init(disc))
         return state
+
+    def attach_previous_run(self, prev: dict, where: str, restore) -> None:
+        """Called by the runtime for ``init.from_workdir``: the previous run's training config, a description
+        of its checkpoint, and ``restore(abstract pure dict) -> arrays`` (reads only the asked subtrees)."""
+        prev_stage = str(prev.get("stage", ""))
+        if prev_stage not in STAGES:
+            raise ValueError(f"init.from_workdir {where}: not an X-NeMo training run (stage {prev_stage!r})")
+        prev_preset, preset = (prev.get("model", {}) or {}).get("preset"), self.model_config_source.get("preset")
+        prev_res, res = (prev.get("data", {}) or {}).get("resolution"), self.model_config.resolution
+        if prev_preset != preset or (prev_res is not None and int(prev_res) != res):
+            raise ValueError(f"init.from_workdir {where}: that run trained model.preset={prev_preset!r} at "
+                             f"{prev_res}², this one {preset!r} at {res}²; start from a run of the same model")
+        self.previous_run = (prev, where, restore)
+
+    def _load_previous_stage(self, model, head) -> None:
+        """``init.from_workdir``: every network weight, BatchNorm statistic and buffer of the newest checkpoint
+        of a previous run (any stage: its trainable / frozen split is read from its config), and its GAN head
+        when both runs have one. Optimizer states start fresh (a new stage trains another set).
+
+        Reading the checkpoint is the runtime's job (``launch/models.py`` sets :attr:`previous_run` to
+        ``(train config, description, restore)``, ``restore(abstract pure dict) -> arrays``): this package
+        never imports the runtime layers."""
+        if self.previous_run is None:
+            raise ValueError("init.from_workdir is read by the runtime: build the task with launch.models.make_task")
+        prev, where, restore = self.previous_run
+        prev_stage = str(prev.get("stage", ""))
+        state = nnx.state(model)
+        _, p_train, p_fixed, p_buf = nnx.split(model_lib.abstract(self.model_config), _trainable_filter(prev_stage),
+                                               nnx.Param, ...)
+        target = {"trainable": p_train, "fixed": p_fixed, "buffers": p_buf}
+        prev_loss = prev.get("loss", {}) or {}
+        if head is not None and float(prev_loss.get("gan", 0.0)) > 0 and prev_stage in GAN_STAGES:
+            target.update(gan_generator=nnx.state(head.generator, nnx.Param),
+                          gan_buffers=nnx.state(head.generator, nnx.Not(nnx.Param)),
+                          discriminator=nnx.state(head.discriminator, nnx.Param))
+        abstract = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(v))
+                    for k, v in target.items()}
+        restored = restore(abstract)
+        merged: dict = {}
+        for part in ("trainable", "fixed", "buffers"):
+            _deep_update(merged, restored[part])
+        nnx.replace_by_pure_dict(state, merged)
+        nnx.update(model, state)
+        if "gan_generator" in restored:
+            gen = nnx.state(head.generator)
+            both: dict = {}
+            _deep_update(both, restored["gan_generator"])
+            _deep_update(both, restored["gan_buffers"])
+            nnx.replace_by_pure_dict(gen, both)
+            nnx.update(head.generator, gen)
+            disc = nnx.state(head.discriminator, nnx.Param)
+            nnx.replace_by_pure_dict(disc, restored["discriminator"])
+            nnx.update(head.discriminator, disc)
+        self.loaded_from = f"{where}, stage {prev_stage!r}"
 
     def frozen_weights(self):
         out = {}
@@ -266,6 +339,8 @@ class XNemoTask:
         count = lambda t: sum(int(x.size) for x in jax.tree.leaves(t))  # noqa: E731
         text = (f"X-NeMo {self.model_config.resolution}² stage {self.stage!r}: {count(state['trainable']):,} "
                 f"trainable params, {count(state['fixed']):,} frozen; {self.num_frames} frame(s) per example")
+        if getattr(self, "loaded_from", None):
+            text += f"; initialised from {self.loaded_from}"
         if self.use_gan:
             off = [k for k in ("vgg", "vggface") if self.gan_weights[k] <= 0]
             text += (f"; GAN head {self.gan_config.resolution}² (loss.gan {self.gan_weight:g}): generator "

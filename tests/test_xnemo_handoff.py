@@ -1,0 +1,99 @@
+"""Stage hand-off (``init.from_workdir``): a run starts from the newest checkpoint of a previous stage's run.
+
+The previous run's checkpoint is written by the runtime's own checkpointer (``launch.checkpointing``) from
+the state ``XNemoTask.init`` builds, so its trainable / frozen split is the other stage's; the new task
+(another stage, another seed) must come up with exactly those weights, BatchNorm statistics and GAN head,
+and fresh optimizer states.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import xnemo as xnemo_config
+from input_pipeline.errors import UserError
+from launch import checkpointing, models, trainer
+from xnemo_jax import training
+
+
+def _config(stage, frames, seed, **init):
+    c = xnemo_config.get_config("tiny")
+    c.stage, c.data.num_frames, c.batch_size, c.seed = stage, frames, 2, seed
+    c.init.update(init)
+    return c
+
+
+def _weights(state) -> dict:
+    """Every network array of a task state, by path, whatever the trainable / frozen split."""
+    out = {}
+    for part in ("trainable", "fixed", "buffers", "gan_generator", "gan_buffers", "discriminator"):
+        if part in state:
+            flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state[part]))[0]
+            out.update({(part if part.startswith(("gan", "disc")) else "model",) + tuple(str(k) for k in p):
+                        np.asarray(v) for p, v in flat})
+    return out
+
+
+@pytest.fixture(scope="module")
+def previous_run(tmp_path_factory):
+    """A stage 'all' run (GAN head on) checkpointed at step 3, as launch/train.py writes it."""
+    workdir = tmp_path_factory.mktemp("stage_all")
+    config = _config("all", 2, seed=0)
+    task = training.XNemoTask(config)
+    state = {"step": np.int32(3), "rng": jax.random.key_data(jax.random.key(5)), "model": task.init(jax.random.key(0))}
+    it, _ = trainer._make_data(config, 2, False, task)
+    ckpt = checkpointing.TrainCheckpointer(str(workdir / "checkpoints"), asynchronous=False)
+    ckpt.save(3, state, it, trainer._config_dict(config))
+    ckpt.wait()
+    ckpt.close()
+    return workdir, _weights(state["model"])
+
+
+def test_the_motion_stage_starts_from_the_previous_runs_weights_and_gan_head(previous_run):
+    workdir, want = previous_run
+    task = models.make_task(_config("motion", 1, seed=1, from_workdir=str(workdir)))
+    state = task.init(jax.random.key(1))
+    got = _weights(state)
+    assert set(got) == set(want) and len(got) > 100
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))
+    fresh = _weights(training.XNemoTask(_config("motion", 1, seed=1)).init(jax.random.key(1)))
+    assert sum(not np.array_equal(fresh[k], want[k]) for k in want) > 0.5 * len(want)  # seed 1 differs
+    assert "initialised from" in task.describe(state) and "step 3, stage 'all'" in task.describe(state)
+    # a new stage trains another set: its optimizer starts from zero moments
+    for leaf in jax.tree.leaves(state["opt"]):
+        assert not np.any(np.asarray(leaf)), "optimizer state must start fresh"
+    # the motion stage trains fewer parameters than 'all' did: the split changed, the values did not
+    assert 0 < sum(x.size for x in jax.tree.leaves(state["trainable"])) < sum(
+        x.size for x in jax.tree.leaves(training.XNemoTask(_config("all", 2, 0)).init(jax.random.key(0))["trainable"]))
+
+
+def test_the_image_stage_takes_the_network_weights_without_a_gan_head(previous_run):
+    workdir, want = previous_run
+    state = models.make_task(_config("image", 1, seed=2, from_workdir=str(workdir))).init(jax.random.key(2))
+    got = _weights(state)
+    assert "gan_generator" not in state
+    assert set(got) == {k for k in want if k[0] == "model"}
+    for k in got:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))
+
+
+def test_bad_hand_offs_are_refused_with_the_path(tmp_path):
+    with pytest.raises(UserError, match="no such checkpoint folder") as e:
+        models.make_task(_config("image", 1, 0, from_workdir=str(tmp_path / "missing")))
+    assert str(tmp_path / "missing") in str(e.value)
+    with pytest.raises(UserError, match="init.sd is not supported yet"):
+        models.make_task(_config("image", 1, 0, sd="/some/sd"))
+    with pytest.raises(ValueError, match="build the task with launch.models.make_task"):
+        training.XNemoTask(_config("image", 1, 0, from_workdir=str(tmp_path))).init(jax.random.key(0))
+
+
+def test_a_run_of_another_model_size_is_refused(previous_run):
+    workdir, _ = previous_run
+    c = _config("image", 1, 0, from_workdir=str(workdir))
+    c.data.resolution = 128
+    with pytest.raises(UserError, match="start from a run of the same model"):
+        models.make_task(c)
