@@ -53,7 +53,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         snr_gamma=5.0,           # Min-SNR-gamma loss weights (<= 0: plain MSE)
         uncond_ratio=0.1,        # CFG dropout: no reference bank, zero CLIP, the reference's own motion code
         mask_ratio=0.3,          # reference feature masking (paper: 30 %)
-        sample_posterior=True,   # VAE latents sampled from the posterior (the mode at eval)
+        # VAE latents sampled from the posterior (the mode at eval). Off for tiny: its VAE is random, with a
+        # posterior std (~1) three times its means' spread, so samples would bury the frames in noise
+        sample_posterior=not tiny,
         f_rts="constant",        # motion encoder's box input: "constant" (0, 0, 1) as the official
                                  # inference, or "boxes" (the real (dy, dx, s) of the two face boxes)
     ))

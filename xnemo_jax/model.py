@@ -41,8 +41,11 @@ VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, n
 TINY_UNET = dict(denoiser_lib.TINY_UNET, block_out_channels=[32, 64], layers_per_block=1,
                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+# scaling_factor: the tiny VAE is random (nothing to convert), its posterior means have a std of about 0.34 on
+# the synthetic heads; 3.0 brings the diffusion latents to about unit std, as 0.18215 does for SD's trained VAE
+# (with 0.18215 they would be ~0.06: the denoising targets would be nearly pure noise)
 TINY_VAE = dict(SVD_XT_VAE, down_block_types=["DownEncoderBlock2D"] * 3, block_out_channels=[32, 64, 64],
-                layers_per_block=1, sample_size=64)
+                layers_per_block=1, sample_size=64, scaling_factor=3.0)
 TINY_CLIP = dict(VIT_L14, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  patch_size=32, projection_dim=64)
 

@@ -45,7 +45,8 @@ generator's detached output. The head's generator and the discriminator have the
 
 **Eval** (:meth:`XNemoTask.eval_step`): the ε-MSE at fixed timesteps (spread over [50, 950] across the
 batch) and fixed noise (``ldm_loss``: comparable across steps), the same with the motion codes shuffled
-across the batch (``ldm_loss_shuffled_motion``: a model that uses motion does worse there), and a
+across the batch (``ldm_loss_shuffled_motion``: a model that uses motion does worse there) and with
+another example's reference (``ldm_loss_shuffled_reference``: the same test for the reference), and a
 reconstruction sampled with a few DDIM steps and CFG (``sample_l1`` / ``sample_psnr`` against the target
 frame, next to ``vae_l1``, the VAE's own reconstruction error, which bounds it); with the GAN head,
 ``gan_l1`` / ``gan_psnr`` of its reconstruction of the target frames and ``gan_l1_copy_source`` (the
@@ -511,6 +512,9 @@ class XNemoTask:
         if self.uses_motion:
             shuffled = jnp.roll(motion, 1, axis=0)
             out["ldm_loss_shuffled_motion"] = per_example(self._eps(model, noisy, t, context, ref_lat, shuffled, cond))
+        # another example's reference (latent, bank and CLIP embedding): a model that uses it must do worse
+        out["ldm_loss_shuffled_reference"] = per_example(self._eps(model, noisy, t, jnp.roll(context, 1, axis=0),
+                                                                   jnp.roll(ref_lat, 1, axis=0), motion, cond))
         gan_cols = {}
         if self.use_gan:
             generator = nnx.merge(self.gen_graph, state["gan_generator"], state["gan_buffers"], copy=True)
@@ -532,10 +536,15 @@ class XNemoTask:
         both_ref = jnp.concatenate([ref_lat, ref_lat])
         both_motion = None if motion is None else jnp.concatenate([neg_motion, motion])
         mask = jnp.concatenate([jnp.zeros((b,), bool), cond])
-        for step_t in schedule.timesteps:
-            eps = self._eps(model, jnp.concatenate([x, x]), int(step_t), both_ctx, both_ref, both_motion, mask)
+        timesteps = jnp.asarray(schedule.timesteps, jnp.int32)
+
+        def denoise(i, x):  # one compiled denoiser call for all steps (an unrolled loop compiles each)
+            step_t = timesteps[i]
+            eps = self._eps(model, jnp.concatenate([x, x]), step_t, both_ctx, both_ref, both_motion, mask)
             eps = eps[:b] + self.guidance * (eps[b:] - eps[:b])
-            x, _ = ddim.step(schedule, eps, int(step_t), x)
+            return ddim.step(schedule, eps, step_t, x)[0]
+
+        x = jax.lax.fori_loop(0, len(schedule.timesteps), denoise, x)
         vae = model.vae
         size = self.model_config.resolution
 
