@@ -104,6 +104,19 @@ def discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array) -> jax.Ar
             + jnp.mean(jax.nn.softplus(fake_logits.astype(jnp.float32))))
 
 
+def lazy_r1(disc, real: jax.Array, step, weight: float, every: int) -> tuple[jax.Array, jax.Array]:
+    """StyleGAN2's lazy R1 regulariser: the penalty ``mean_i ||d disc(real_i) / d real_i||^2`` computed
+    every ``every``-th step (``step % every == 0``, zero otherwise) and scaled by ``weight / 2 * every``
+    so its average over steps is the eager ``weight / 2`` penalty. ``disc`` maps images to logits.
+    Returns ``(the term to add to the discriminator loss, the raw penalty)``."""
+    def r1():
+        g = jax.grad(lambda x: jnp.sum(disc(x)))(real)
+        return jnp.mean(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))))
+
+    penalty = jax.lax.cond(step % every == 0, r1, lambda: jnp.zeros((), jnp.float32))
+    return weight / 2 * every * penalty, penalty
+
+
 def sparsity_loss(alpha: jax.Array) -> jax.Array:
     """LIA-X's sparse-motion-dictionary penalty: mean |alpha| of the motion coefficients."""
     return jnp.mean(jnp.abs(alpha.astype(jnp.float32)))

@@ -169,12 +169,8 @@ class LiaXTask:
                 d_loss = losses.discriminator_loss(real_logits, fake_logits)
                 aux = {"d_real": jnp.mean(real_logits), "d_fake": jnp.mean(fake_logits)}
                 if w.r1 > 0:
-                    def r1():
-                        g = jax.grad(lambda x: jnp.sum(self._disc(dp, x)))(drv)
-                        return jnp.mean(jnp.sum(jnp.square(g), axis=(1, 2, 3)))
-                    penalty = jax.lax.cond(step % w.r1_every == 0, r1, lambda: jnp.zeros((), jnp.float32))
-                    aux["r1"] = penalty
-                    d_loss = d_loss + w.r1 / 2 * w.r1_every * penalty
+                    term, aux["r1"] = losses.lazy_r1(lambda x: self._disc(dp, x), drv, step, w.r1, w.r1_every)
+                    d_loss = d_loss + term
                 return d_loss, aux
 
             (d_loss, d_aux), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state["discriminator"])

@@ -372,3 +372,14 @@ def test_convert_cli_user_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {narrow_pth}: key 'features.0.weight' has shape (8, 3, 3, 3), expected (64, 3, 3, 3)"]
     assert not (tmp_path / "c").exists()
+
+
+def test_lazy_r1_is_the_gradient_penalty_every_nth_step_scaled_by_the_interval():
+    """disc(x) = sum over pixels of x^2 per example: d disc / dx = 2x, so the penalty is mean_i sum 4 x_i^2."""
+    x = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+    disc = lambda im: jnp.sum(jnp.square(im), axis=(1, 2, 3))  # noqa: E731
+    want = float(np.mean(np.sum(4 * np.square(np.asarray(x)), axis=(1, 2, 3))))
+    for step, expect in ((0, want), (16, want), (5, 0.0)):
+        term, penalty = jax.jit(lambda s: losses.lazy_r1(disc, x, s, 10.0, 16))(jnp.int32(step))
+        np.testing.assert_allclose(float(penalty), expect, rtol=1e-6)
+        np.testing.assert_allclose(float(term), 10.0 / 2 * 16 * expect, rtol=1e-6)

@@ -63,7 +63,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from liax_jax import vgg
+from liax_jax import losses, vgg
 from perception import resnet
 from xnemo_jax import denoiser as denoiser_lib
 from xnemo_jax import gan_head as gan_lib
@@ -425,12 +425,8 @@ class XNemoTask:
         def d_loss_fn(dp):
             loss, aux = gan_lib.discriminator_losses(self._disc(dp, target), self._disc(dp, fake))
             if self.r1 > 0:
-                def r1():
-                    g = jax.grad(lambda x: jnp.sum(self._disc(dp, x)))(target)
-                    return jnp.mean(jnp.sum(jnp.square(g), axis=(1, 2, 3)))
-                penalty = jax.lax.cond(step % self.r1_every == 0, r1, lambda: jnp.zeros((), jnp.float32))
-                aux["r1"] = penalty
-                loss = loss + self.r1 / 2 * self.r1_every * penalty
+                term, aux["r1"] = losses.lazy_r1(lambda x: self._disc(dp, x), target, step, self.r1, self.r1_every)
+                loss = loss + term
             return loss, aux
 
         (d_loss, aux), grads = jax.value_and_grad(d_loss_fn, has_aux=True)(state["discriminator"])
