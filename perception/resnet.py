@@ -23,8 +23,8 @@ BatchNorm is torch's ``BatchNorm2d`` exactly (eps 1e-5, momentum 0.1 in torch's 
 ``running_var`` (with the *unbiased* batch variance, as torch does; ``flax.nnx.BatchNorm`` would store
 the biased one) in place. The statistics are :class:`flax.nnx.BatchStat` variables, so ``nnx.split(model,
 nnx.Param, ...)`` separates what an optimiser trains from what the forward pass updates. torch's
-``num_batches_tracked`` counter is not kept (an integer leaf would break ``jax.grad`` over the state; it
-only matters for ``momentum=None``).
+``num_batches_tracked`` counter is not kept here (``track_batches=False``: an integer leaf would break
+``jax.grad`` over the state; it only matters for ``momentum=None``).
 
 Module attribute names mirror the torch module paths, and every leaf is named like the torch tensor, so
 the torch key of a variable is its state path joined with dots (``layer2.0.downsample.1.running_var``).
@@ -185,15 +185,20 @@ class Conv2d(nnx.Module):
 class BatchNorm2d(nnx.Module):
     """torch ``BatchNorm2d`` over the last (channel) axis (module doc): ``weight``/``bias`` are
     :class:`nnx.Param`, ``running_mean``/``running_var`` :class:`nnx.BatchStat`. ``momentum`` has torch's
-    meaning (0.1). Statistics are computed in float32 (float64 for float64 input)."""
+    meaning (0.1). Statistics are computed in float32 (float64 for float64 input); the mean over the batch
+    axes of a globally sharded array is the global (data-parallel) statistic. ``track_batches``: also keep
+    torch's ``num_batches_tracked`` (an int32 :class:`nnx.BatchStat`, + 1 per training call) for state
+    dicts that have the key (the X-NeMo motion encoder's)."""
 
     def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+                 param_dtype=jnp.float32, track_batches: bool = False):
         self.eps, self.momentum, self.dtype = eps, momentum, dtype
         self.weight = nnx.Param(jnp.ones((num_features,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
         self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
         self.running_var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
+        if track_batches:
+            self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         sd = _stat_dtype(x.dtype)
@@ -208,6 +213,8 @@ class BatchNorm2d(nnx.Module):
             for stat, batch in ((self.running_mean, mean), (self.running_var, unbiased)):
                 old = stat.get_value()
                 stat.set_value(((1 - m) * old.astype(sd) + m * batch).astype(old.dtype))
+            if hasattr(self, "num_batches_tracked"):
+                self.num_batches_tracked.set_value(self.num_batches_tracked.get_value() + 1)
         else:
             mean = self.running_mean.get_value().astype(sd)
             var = self.running_var.get_value().astype(sd)

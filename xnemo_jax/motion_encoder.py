@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from perception import resnet
 from xnemo_jax import layers
 from xnemo_jax.blocks import Attention
 from xnemo_jax.layers import Buffer
@@ -175,10 +176,6 @@ def token_pe(num_tokens: int, token_dim: int) -> np.ndarray:
     return sincos_1d(token_dim, np.arange(num_tokens)).astype(np.float32)[None]
 
 
-def _stat_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def max_pool2(x: jax.Array) -> jax.Array:
     """``F.max_pool2d(x, 2)`` (floor: an odd last row/column is dropped), NHWC."""
     n, h, w, c = x.shape
@@ -216,44 +213,11 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------- layers
-class BatchNorm2d(nnx.Module):
-    """torch ``nn.BatchNorm2d`` over channels-last input (eps 1e-5, momentum 0.1, affine, running stats).
-
-    ``train=False``: running statistics. ``train=True``: batch statistics (biased variance) normalise, and
-    ``running_mean``/``running_var`` (unbiased batch variance) / ``num_batches_tracked`` are updated in
-    place. Statistics are computed in float32 (float64 for float64 inputs); the mean over the batch axes
-    of a globally sharded array is the global (data-parallel) statistic.
-    """
-
-    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
-        self.eps, self.momentum, self.dtype = eps, momentum, dtype
-        self.weight = nnx.Param(jnp.ones((num_features,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
-        self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
-        self.running_var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
-        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
-
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        sd = _stat_dtype(x.dtype)
-        xf = x.astype(sd)
-        axes = tuple(range(x.ndim - 1))
-        if train:
-            mean = xf.mean(axes)
-            var = jnp.square(xf - mean).mean(axes)
-            n = math.prod(x.shape[:-1])
-            unbiased = var * (n / max(n - 1, 1))
-            m = self.momentum
-            rm, rv = self.running_mean, self.running_var
-            rm.set_value(((1 - m) * rm.get_value().astype(sd) + m * mean).astype(rm.get_value().dtype))
-            rv.set_value(((1 - m) * rv.get_value().astype(sd) + m * unbiased).astype(rv.get_value().dtype))
-            self.num_batches_tracked.set_value(self.num_batches_tracked.get_value() + 1)
-        else:
-            mean = self.running_mean.get_value().astype(sd)
-            var = self.running_var.get_value().astype(sd)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.weight.get_value().astype(sd) + self.bias.get_value().astype(sd)
-        return y.astype(self.dtype)
+def BatchNorm2d(num_features: int, **kw) -> resnet.BatchNorm2d:  # noqa: N802 - the torch module's name
+    """torch ``nn.BatchNorm2d`` (``perception.resnet.BatchNorm2d``) with ``num_batches_tracked``, a key of
+    the official state dict: ``train=True`` normalises with the batch statistics and updates the running
+    ones and the counter in place (module doc)."""
+    return resnet.BatchNorm2d(num_features, track_batches=True, **kw)
 
 
 class ConvBlock(nnx.Module):
