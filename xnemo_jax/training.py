@@ -299,8 +299,7 @@ class XNemoTask:
         prev, where, restore = self.previous_run
         prev_stage = str(prev.get("stage", ""))
         state = nnx.state(model)
-        _, p_train, p_fixed, p_buf = nnx.split(model_lib.abstract(self.model_config), _trainable_filter(prev_stage),
-                                               nnx.Param, ...)
+        _, p_train, p_fixed, p_buf = nnx.split(model, _trainable_filter(prev_stage), nnx.Param, ...)  # (shapes only)
         target = {"trainable": p_train, "fixed": p_fixed, "buffers": p_buf}
         prev_loss = prev.get("loss", {}) or {}
         if head is not None and float(prev_loss.get("gan", 0.0)) > 0 and prev_stage in GAN_STAGES:
