@@ -26,9 +26,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.stage = "all" if tiny else "image"
     # xnemo_jax.model.XNemoConfig.preset(preset, dtype=...): dtype is the compute dtype (parameters float32)
     c.model = ml_collections.ConfigDict(dict(preset=variant, dtype="float32" if tiny else "bfloat16"))
-    # Initial weights (official): init.sd = a launch/convert.py output holding the sd-image-variations UNet,
-    # CLIP and the SVD VAE; init.animatediff = AnimateDiff v2 temporal modules; init.from_workdir = a previous
-    # stage's run (xnemo_jax/training.py loads it; init.sd / init.animatediff are not supported yet: refused).
+    # Initial weights. init.sd = a `launch/convert.py sd --unet --vae --clip` output (sd-image-variations UNet
+    # -> denoiser SD part + reference net, the SVD VAE, CLIP; the official image stage starts there);
+    # init.animatediff = AnimateDiff v2 temporal modules (mm_sd_v15_v2.ckpt, read with torch);
+    # init.from_workdir = a previous stage's run (not together with init.sd). Loaded by xnemo_jax/training.py.
     c.init = ml_collections.ConfigDict(dict(sd="", animatediff="", from_workdir=""))
 
     resolution = 64 if tiny else 512

@@ -20,6 +20,7 @@ A model package's training module exposes ``make_task(config) -> task`` where ``
 from __future__ import annotations
 
 import importlib
+import os
 
 from input_pipeline.errors import UserError
 from launch import checkpointing
@@ -37,6 +38,8 @@ def make_task(config):
         previous = getattr(task, "init_from_workdir", "")
         if previous:
             _attach_previous_run(task, previous)
+        if getattr(task, "init_sd", ""):
+            _attach_sd(task, task.init_sd)
         return task
     except ValueError as e:
         raise UserError(str(e), "config") from e
@@ -51,3 +54,20 @@ def _attach_previous_run(task, path: str) -> None:
                         f"{found.model or 'unknown'!r} {found.kind} checkpoint", found.path)
     task.attach_previous_run(found.train_config or {}, f"{found.path}, step {found.step}",
                              lambda abstract: checkpointing.restore_model_params(found, abstract, ("model",)))
+
+
+def _attach_sd(task, path: str) -> None:
+    """``init.sd``: the ``launch/convert.py sd`` output folder (``unet/``, ``vae/``, ``image_encoder/`` params
+    checkpoints); the task checks the kinds and restores the weights in its ``init``."""
+    if not os.path.isdir(path):
+        raise UserError("init.sd: no such folder (write it with `python launch/convert.py sd --unet=... "
+                        "--vae=... --clip=... --output=DIR`)", path)
+    parts = {}
+    for part in task.SD_PARTS:
+        folder = os.path.join(path, part)
+        if not os.path.isdir(folder):
+            continue   # the task names what is missing
+        info = checkpointing.read_model_info(folder)
+        parts[part] = (info.get("model", ""), info.get("config", {}), folder,
+                       lambda abstract, folder=folder: checkpointing.load_params(folder, abstract)[1])
+    task.attach_sd(parts)

@@ -1,4 +1,7 @@
-"""Stage hand-off (``init.from_workdir``): a run starts from the newest checkpoint of a previous stage's run.
+"""Initial weights of a training run: ``init.from_workdir`` (stage hand-off), ``init.sd`` and
+``init.animatediff``.
+
+``init.from_workdir``: a run starts from the newest checkpoint of a previous stage's run.
 
 The previous run's checkpoint is written by the runtime's own checkpointer (``launch.checkpointing``) from
 the state ``XNemoTask.init`` builds, so its trainable / frozen split is the other stage's; the new task
@@ -85,8 +88,9 @@ def test_bad_hand_offs_are_refused_with_the_path(tmp_path):
     with pytest.raises(UserError, match="no such checkpoint folder") as e:
         models.make_task(_config("image", 1, 0, from_workdir=str(tmp_path / "missing")))
     assert str(tmp_path / "missing") in str(e.value)
-    with pytest.raises(UserError, match="init.sd is not supported yet"):
-        models.make_task(_config("image", 1, 0, sd="/some/sd"))
+    with pytest.raises(UserError, match="init.sd: no such folder") as e:
+        models.make_task(_config("image", 1, 0, sd=str(tmp_path / "no_sd")))
+    assert str(tmp_path / "no_sd") in str(e.value)
     with pytest.raises(ValueError, match="build the task with launch.models.make_task"):
         training.XNemoTask(_config("image", 1, 0, from_workdir=str(tmp_path))).init(jax.random.key(0))
 
@@ -97,3 +101,88 @@ def test_a_run_of_another_model_size_is_refused(previous_run):
     c.data.resolution = 128
     with pytest.raises(UserError, match="start from a run of the same model"):
         models.make_task(c)
+
+
+# ------------------------------------------------------------------------------ init.sd / init.animatediff
+def _pure(net) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(net, nnx.Param)))[0]}
+
+
+@pytest.fixture(scope="module")
+def sd_parts(tmp_path_factory):
+    """A tiny random SD UNet / SVD VAE / CLIP (diffusers / transformers folders) converted with
+    ``launch/convert.py sd``, an AnimateDiff-layout temporal-module file, and what each should load as."""
+    import torch
+    import xnemo_helpers
+    from xnemo_helpers import random_official_state
+
+    from launch import convert as convert_cli
+    from xnemo_jax import convert
+    from xnemo_jax import denoiser as D
+    from xnemo_jax import model as M
+
+    release = str(tmp_path_factory.mktemp("release"))
+    xnemo_helpers.write_tiny_release(release)
+    paths = {k: f"{release}/{v}" for k, v in convert.RELEASE_FOLDERS.items()}
+    out = str(tmp_path_factory.mktemp("sd") / "converted")
+    assert convert_cli.main(["sd", f"--unet={paths['unet']}", f"--vae={paths['vae']}",
+                             f"--clip={paths['image_encoder']}", f"--output={out}"]) in (0, None)
+    want = {part: _pure(convert.load_pretrained(paths[part], kind))
+            for part, kind in (("unet", "unet"), ("vae", "svd_vae"), ("image_encoder", "clip_vision"))}
+    shapes = D.official_keys(M.abstract(M.XNemoConfig.preset("tiny")).denoiser)
+    temporal = {k: v for k, v in random_official_state(shapes, 7).items()
+                if ".temporal_modules." in k and not k.endswith(".pe")}
+    mm = str(tmp_path_factory.mktemp("animatediff") / "mm_sd_v15_v2.ckpt")
+    torch.save({k.replace(".temporal_modules.", ".motion_modules."): torch.from_numpy(v) for k, v in temporal.items()},
+               mm)
+    return out, want, mm, temporal
+
+
+def test_init_sd_fills_denoiser_reference_net_vae_clip_and_animatediff_the_temporal_modules(sd_parts):
+    from xnemo_jax import denoiser as D
+
+    out, want, mm, temporal = sd_parts
+    task = models.make_task(_config("motion", 1, seed=3, sd=out, animatediff=mm))
+    model = task._merge(task.init(jax.random.key(3)))
+    fresh = training.XNemoTask(_config("motion", 1, seed=3))._merge(
+        training.XNemoTask(_config("motion", 1, seed=3)).init(jax.random.key(3)))
+    den, ref = _pure(model.denoiser), _pure(model.reference_net)
+    for k, v in want["unet"].items():                       # every SD weight in the denoiser ...
+        np.testing.assert_array_equal(den[k], v, err_msg=k)
+        if k in ref:                                         # ... and in the reference net
+            np.testing.assert_array_equal(ref[k], v, err_msg=k)
+    assert set(ref) < set(want["unet"]) and {k.split("[")[1] for k in set(want["unet"]) - set(ref)} == \
+        {"'conv_norm_out']", "'conv_out']"}                 # the reference net has no output head
+    for part in ("vae", "image_encoder"):
+        got = _pure(getattr(model, part))
+        assert set(got) == set(want[part])
+        for k, v in want[part].items():
+            np.testing.assert_array_equal(got[k], v, err_msg=k)
+    # the motion branch keeps its initialisation; the temporal modules come from the AnimateDiff file
+    fresh_den = _pure(fresh.denoiser)
+    extra = [k for k in den if k not in want["unet"]]
+    assert extra and all("'motion_modules'" in k or "'temporal_modules'" in k for k in extra)
+    official = D.to_official(model.denoiser)
+    for k, v in temporal.items():
+        np.testing.assert_array_equal(official[k], v, err_msg=k)
+    for k in extra:
+        if "'motion_modules'" in k:
+            np.testing.assert_array_equal(den[k], fresh_den[k], err_msg=k)
+    for k, v in _pure(fresh.motion_encoder).items():
+        np.testing.assert_array_equal(_pure(model.motion_encoder)[k], v, err_msg=k)
+    text = task.describe(task.init(jax.random.key(3)))
+    assert "unet from" in text and "temporal modules from" in text
+
+
+def test_init_sd_refuses_an_incomplete_folder_and_init_sd_with_from_workdir(sd_parts, tmp_path):
+    import shutil
+
+    out = sd_parts[0]
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    shutil.rmtree(partial / "image_encoder")
+    with pytest.raises(UserError, match="no image_encoder/ part"):
+        models.make_task(_config("image", 1, 0, sd=str(partial)))
+    with pytest.raises(UserError, match="give one of them"):
+        models.make_task(_config("image", 1, 0, sd=out, from_workdir=str(tmp_path)))

@@ -215,13 +215,15 @@ class XNemoTask:
         self.sample_steps, self.guidance = int(e.sample_steps), float(e.guidance)
         self.filters = (_trainable_filter(self.stage), nnx.Param, ...)
         init = config.get("init", {})
-        for name in ("sd", "animatediff"):
-            if init.get(name, ""):
-                raise ValueError(f"init.{name} is not supported yet (loading converted Stable Diffusion / AnimateDiff "
-                                 f"weights into a training run is still to come); leave --config.init.{name} empty "
-                                 "or start from a previous run with --config.init.from_workdir=DIR")
         self.init_from_workdir = str(init.get("from_workdir", "") or "")
+        self.init_sd = str(init.get("sd", "") or "")
+        self.init_animatediff = str(init.get("animatediff", "") or "")
+        if self.init_from_workdir and self.init_sd:
+            raise ValueError("init.sd and init.from_workdir both set: a later stage starts from the previous run "
+                             "(which began from SD); give one of them")
         self.previous_run = None   # (train config, description, restore): set by launch/models.py
+        self.sd_parts = None       # {part: (kind, config, description, restore)}: set by launch/models.py
+        self.loaded = []
         abstract = model_lib.abstract(self.model_config)
         self.graphdef = nnx.split(abstract, *self.filters)[0]
 
@@ -264,6 +266,16 @@ class XNemoTask:
         head = gan_lib.GanHead(self.gan_config, rngs=nnx.Rngs(jax.random.fold_in(rng, 1))) if self.use_gan else None
         if self.init_from_workdir:
             self._load_previous_stage(model, head)
+        if self.init_sd:
+            self._load_sd(model)
+        if self.init_animatediff:
+            from xnemo_jax import convert  # noqa: PLC0415 - reads the torch file (needs torch)
+
+            try:
+                convert.load_animatediff(model.denoiser, self.init_animatediff)
+            except convert.ConversionError as e:
+                raise ValueError(f"init.animatediff {self.init_animatediff}: {e}") from e
+            self.loaded.append(f"temporal modules from {self.init_animatediff}")
         _, trainable, fixed, buffers = nnx.split(model, *self.filters)
         state = {"trainable": trainable, "fixed": fixed, "buffers": buffers, "opt": self.tx.init(trainable)}
         if self.use_gan:
@@ -285,6 +297,62 @@ class XNemoTask:
             raise ValueError(f"init.from_workdir {where}: that run trained model.preset={prev_preset!r} at "
                              f"{prev_res}², this one {preset!r} at {res}²; start from a run of the same model")
         self.previous_run = (prev, where, restore)
+
+    SD_PARTS = {"unet": ("unet",), "vae": ("svd_vae",), "image_encoder": ("clip_vision",)}
+
+    def attach_sd(self, parts: dict) -> None:
+        """Called by the runtime for ``init.sd`` (a ``launch/convert.py sd`` output): ``{part: (kind, diffusers
+        config, description, restore(abstract pure dict) -> arrays)}`` for ``unet``, ``vae``, ``image_encoder``."""
+        for part, kinds in self.SD_PARTS.items():
+            if part not in parts:
+                raise ValueError(f"init.sd {self.init_sd}: no {part}/ part (write all three with `python launch/"
+                                 f"convert.py sd --unet=... --vae=... --clip=... --output={self.init_sd}`)")
+            kind, _, where, _ = parts[part]
+            if kind not in kinds:
+                what = "the SVD temporal VAE (AutoencoderKLTemporalDecoder)" if part == "vae" else kinds[0]
+                raise ValueError(f"init.sd {where}: a {kind!r} checkpoint; X-NeMo's {part} is {what}")
+        self.sd_parts = parts
+
+    def _load_sd(self, model) -> None:
+        """``init.sd``: the SD UNet into the denoiser's SD part and into the reference net (every one of its
+        weights but the output head, which the reference net lacks), the SVD VAE and the CLIP image encoder.
+        The motion encoder and the motion / temporal modules keep their initialisation (zero output
+        projections: the denoiser starts as the SD UNet). Every stored weight must have its place, with the
+        same shape (another UNet / VAE / CLIP size is refused naming the key)."""
+        from xnemo_jax import convert  # noqa: PLC0415
+
+        if self.sd_parts is None:
+            raise ValueError("init.sd is read by the runtime: build the task with launch.models.make_task")
+        targets = {"unet": (model.denoiser, model.reference_net), "vae": (model.vae,),
+                   "image_encoder": (model.image_encoder,)}
+        for part, (kind, cfg, where, restore) in self.sd_parts.items():
+            source = convert.build(kind, cfg, abstract=True)
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                    nnx.to_pure_dict(nnx.state(source, nnx.Param)))
+            stored = dict(jax.tree_util.tree_flatten_with_path(restore(abstract))[0])
+            for i, net in enumerate(targets[part]):
+                params = nnx.state(net, nnx.Param)
+                pure = nnx.to_pure_dict(params)
+                flat = dict(jax.tree_util.tree_flatten_with_path(pure)[0])
+                for path, value in stored.items():
+                    key = jax.tree_util.keystr(path)
+                    if path not in flat:
+                        if i == 1:   # the reference net: no output head (conv_norm_out, conv_out)
+                            continue
+                        raise ValueError(f"init.sd {where}: weight {key} has no place in the X-NeMo {part}")
+                    if tuple(flat[path].shape) != tuple(value.shape):
+                        raise ValueError(f"init.sd {where}: {key} is {tuple(value.shape)}, the X-NeMo {part} "
+                                         f"has {tuple(flat[path].shape)} (another model size?)")
+                    flat[path] = value
+                if part != "unet":
+                    missing = [jax.tree_util.keystr(p) for p in flat if p not in stored]
+                    if missing:
+                        raise ValueError(f"init.sd {where}: {len(missing)} {part} weights missing, e.g. {missing[0]}")
+                nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(
+                    jax.tree_util.tree_structure(pure), [flat[p] for p, _ in jax.tree_util.tree_flatten_with_path(
+                        pure)[0]]))
+                nnx.update(net, params)
+            self.loaded.append(f"{part} from {where}")
 
     def _load_previous_stage(self, model, head) -> None:
         """``init.from_workdir``: every network weight, BatchNorm statistic and buffer of the newest checkpoint
@@ -324,7 +392,7 @@ class XNemoTask:
             disc = nnx.state(head.discriminator, nnx.Param)
             nnx.replace_by_pure_dict(disc, restored["discriminator"])
             nnx.update(head.discriminator, disc)
-        self.loaded_from = f"{where}, stage {prev_stage!r}"
+        self.loaded.append(f"{where}, stage {prev_stage!r}")
 
     def frozen_weights(self):
         out = {}
@@ -339,8 +407,8 @@ class XNemoTask:
         count = lambda t: sum(int(x.size) for x in jax.tree.leaves(t))  # noqa: E731
         text = (f"X-NeMo {self.model_config.resolution}² stage {self.stage!r}: {count(state['trainable']):,} "
                 f"trainable params, {count(state['fixed']):,} frozen; {self.num_frames} frame(s) per example")
-        if getattr(self, "loaded_from", None):
-            text += f"; initialised from {self.loaded_from}"
+        if self.loaded:
+            text += f"; initialised from {'; '.join(self.loaded)}"
         if self.use_gan:
             off = [k for k in ("vgg", "vggface") if self.gan_weights[k] <= 0]
             text += (f"; GAN head {self.gan_config.resolution}² (loss.gan {self.gan_weight:g}): generator "
