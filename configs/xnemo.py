@@ -79,10 +79,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                                              weight_decay=1e-2, grad_clip=1.0, warmup_steps=20 if tiny else 1000))
 
     c.batch_size = 4 if tiny else 64
-    c.num_train_steps = 300 if tiny else 100_000
+    c.num_train_steps = 240 if tiny else 100_000
     c.log_every_steps = 10 if tiny else 100
-    c.eval_every_steps = 100 if tiny else 5_000
-    c.checkpoint_every_steps = 100 if tiny else 5_000
+    c.eval_every_steps = 80 if tiny else 5_000
+    c.checkpoint_every_steps = 80 if tiny else 5_000
     c.checkpoint_keep = 3
     c.preemption_check_every = 10
     c.eval = ml_collections.ConfigDict(dict(num_batches=2 if tiny else 8, at_start=True, sample_rows=8,
