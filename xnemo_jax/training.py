@@ -450,8 +450,10 @@ class XNemoTask:
         tokens = tokens.astype(jnp.float32)
         return tokens[:b * f].reshape((b, f) + tokens.shape[1:]), tokens[b * f:].reshape((b, 1) + tokens.shape[1:])
 
-    def _eps(self, model, noisy, t, context, ref_lat, motion, bank_mask, mask_rng=None):
-        bank = denoiser_lib.reference_bank(model.reference_net, ref_lat, context, timestep=0)
+    def _eps(self, model, noisy, t, context, ref_lat, motion, bank_mask, mask_rng=None, bank=None):
+        """The denoiser's ε; ``bank``: the reference bank of ``(ref_lat, context)`` when the caller has it."""
+        if bank is None:
+            bank = denoiser_lib.reference_bank(model.reference_net, ref_lat, context, timestep=0)
         if mask_rng is not None and self.recipe.mask_ratio > 0:
             bank = denoiser_lib.mask_bank(bank, self.recipe.mask_ratio, mask_rng)
         eps = model.denoiser(noisy, t, context, motion if self.uses_motion else None, bank=bank,
@@ -571,13 +573,16 @@ class XNemoTask:
         if self.uses_motion:
             motion, ref_motion = self._motion(model, batch, train=False, rng=None)
         per_example = lambda eps: jnp.mean(jnp.square(eps - noise), axis=(1, 2, 3, 4))  # noqa: E731
-        out = {"ldm_loss": per_example(self._eps(model, noisy, t, context, ref_lat, motion, cond))}
+        # the reference net runs once: every pass below reads this bank (rolled / doubled as needed)
+        bank = denoiser_lib.reference_bank(model.reference_net, ref_lat, context, timestep=0)
+        roll = lambda tree: jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), tree)  # noqa: E731
+        out = {"ldm_loss": per_example(self._eps(model, noisy, t, context, ref_lat, motion, cond, bank=bank))}
         if self.uses_motion:
-            shuffled = jnp.roll(motion, 1, axis=0)
-            out["ldm_loss_shuffled_motion"] = per_example(self._eps(model, noisy, t, context, ref_lat, shuffled, cond))
+            out["ldm_loss_shuffled_motion"] = per_example(self._eps(model, noisy, t, context, ref_lat, roll(motion),
+                                                                    cond, bank=bank))
         # another example's reference (latent, bank and CLIP embedding): a model that uses it must do worse
-        out["ldm_loss_shuffled_reference"] = per_example(self._eps(model, noisy, t, jnp.roll(context, 1, axis=0),
-                                                                   jnp.roll(ref_lat, 1, axis=0), motion, cond))
+        out["ldm_loss_shuffled_reference"] = per_example(self._eps(model, noisy, t, roll(context), roll(ref_lat),
+                                                                   motion, cond, bank=roll(bank)))
         gan_cols = {}
         if self.use_gan:
             generator = nnx.merge(self.gen_graph, state["gan_generator"], state["gan_buffers"], copy=True)
@@ -599,11 +604,13 @@ class XNemoTask:
         both_ref = jnp.concatenate([ref_lat, ref_lat])
         both_motion = None if motion is None else jnp.concatenate([neg_motion, motion])
         mask = jnp.concatenate([jnp.zeros((b,), bool), cond])
+        both_bank = jax.tree.map(lambda a: jnp.concatenate([a, a]), bank)   # (the first half is masked off)
         timesteps = jnp.asarray(schedule.timesteps, jnp.int32)
 
         def denoise(i, x):  # one compiled denoiser call for all steps (an unrolled loop compiles each)
             step_t = timesteps[i]
-            eps = self._eps(model, jnp.concatenate([x, x]), step_t, both_ctx, both_ref, both_motion, mask)
+            eps = self._eps(model, jnp.concatenate([x, x]), step_t, both_ctx, both_ref, both_motion, mask,
+                            bank=both_bank)
             eps = eps[:b] + self.guidance * (eps[b:] - eps[:b])
             return ddim.step(schedule, eps, step_t, x)[0]
 
