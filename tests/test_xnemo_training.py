@@ -188,12 +188,13 @@ def test_eval_step_metrics_and_its_sampling_loop_equal_a_step_by_step_loop(batch
     schedule = training.sampling.schedule_for(task.sample_steps)
     x = jax.vmap(lambda r, n: training.sampling.initial_latents(schedule, r, n))(ref_lat, noise)
     cond = jnp.ones((2,), bool)
+    bank = training.denoiser_lib.reference_bank(model.reference_net, ref_lat, context, timestep=0)
 
     @jax.jit
     def one_step(x, t):
-        uncond = task._eps(model, x, t, jnp.zeros_like(context), ref_lat, jnp.broadcast_to(ref_motion, motion.shape),
-                           ~cond)
-        eps = task._eps(model, x, t, context, ref_lat, motion, cond)
+        uncond = task._eps(model, x, t, jnp.zeros_like(context), bank, jnp.broadcast_to(ref_motion, motion.shape),
+                           ~cond)   # (the bank is masked off for these examples)
+        eps = task._eps(model, x, t, context, bank, motion, cond)
         return ddim.step(schedule, uncond + task.guidance * (eps - uncond), t, x)[0]
 
     assert len(schedule.timesteps) == task.sample_steps == 4

@@ -450,10 +450,12 @@ class XNemoTask:
         tokens = tokens.astype(jnp.float32)
         return tokens[:b * f].reshape((b, f) + tokens.shape[1:]), tokens[b * f:].reshape((b, 1) + tokens.shape[1:])
 
-    def _eps(self, model, noisy, t, context, ref_lat, motion, bank_mask, mask_rng=None, bank=None):
-        """The denoiser's ε; ``bank``: the reference bank of ``(ref_lat, context)`` when the caller has it."""
-        if bank is None:
-            bank = denoiser_lib.reference_bank(model.reference_net, ref_lat, context, timestep=0)
+    def _bank(self, model, ref_lat, context):
+        """The reference bank: the reference net on the reference latent at timestep 0."""
+        return denoiser_lib.reference_bank(model.reference_net, ref_lat, context, timestep=0)
+
+    def _eps(self, model, noisy, t, context, bank, motion, bank_mask, mask_rng=None):
+        """The denoiser's ε reading ``bank`` (:meth:`_bank`) where ``bank_mask`` is set."""
         if mask_rng is not None and self.recipe.mask_ratio > 0:
             bank = denoiser_lib.mask_bank(bank, self.recipe.mask_ratio, mask_rng)
         eps = model.denoiser(noisy, t, context, motion if self.uses_motion else None, bank=bank,
@@ -526,7 +528,8 @@ class XNemoTask:
                 cond_motion, ref_motion = self._motion(model, batch, train=train_motion, rng=k_motion)
                 motion = jnp.where(uncond[:, None, None, None], jnp.broadcast_to(ref_motion, cond_motion.shape),
                                    cond_motion)
-            eps = self._eps(model, noisy, t, context, ref_lat, motion, ~uncond, mask_rng=k_mask)
+            eps = self._eps(model, noisy, t, context, self._bank(model, ref_lat, context), motion, ~uncond,
+                            mask_rng=k_mask)
             mse = jnp.mean(jnp.square(eps - noise), axis=tuple(range(1, eps.ndim)))
             ldm = jnp.mean(weights * mse)
             aux["buffers"] = nnx.split(model, *self.filters)[3]
@@ -574,15 +577,15 @@ class XNemoTask:
             motion, ref_motion = self._motion(model, batch, train=False, rng=None)
         per_example = lambda eps: jnp.mean(jnp.square(eps - noise), axis=(1, 2, 3, 4))  # noqa: E731
         # the reference net runs once: every pass below reads this bank (rolled / doubled as needed)
-        bank = denoiser_lib.reference_bank(model.reference_net, ref_lat, context, timestep=0)
+        bank = self._bank(model, ref_lat, context)
         roll = lambda tree: jax.tree.map(lambda a: jnp.roll(a, 1, axis=0), tree)  # noqa: E731
-        out = {"ldm_loss": per_example(self._eps(model, noisy, t, context, ref_lat, motion, cond, bank=bank))}
+        out = {"ldm_loss": per_example(self._eps(model, noisy, t, context, bank, motion, cond))}
         if self.uses_motion:
-            out["ldm_loss_shuffled_motion"] = per_example(self._eps(model, noisy, t, context, ref_lat, roll(motion),
-                                                                    cond, bank=bank))
+            out["ldm_loss_shuffled_motion"] = per_example(self._eps(model, noisy, t, context, bank, roll(motion),
+                                                                    cond))
         # another example's reference (latent, bank and CLIP embedding): a model that uses it must do worse
-        out["ldm_loss_shuffled_reference"] = per_example(self._eps(model, noisy, t, roll(context), roll(ref_lat),
-                                                                   motion, cond, bank=roll(bank)))
+        out["ldm_loss_shuffled_reference"] = per_example(self._eps(model, noisy, t, roll(context), roll(bank),
+                                                                   motion, cond))
         gan_cols = {}
         if self.use_gan:
             generator = nnx.merge(self.gen_graph, state["gan_generator"], state["gan_buffers"], copy=True)
@@ -601,7 +604,6 @@ class XNemoTask:
         x = jax.vmap(lambda r, n: sampling.initial_latents(schedule, r, n))(ref_lat, noise)
         neg_motion = None if motion is None else jnp.broadcast_to(ref_motion, motion.shape)
         both_ctx = jnp.concatenate([jnp.zeros_like(context), context])
-        both_ref = jnp.concatenate([ref_lat, ref_lat])
         both_motion = None if motion is None else jnp.concatenate([neg_motion, motion])
         mask = jnp.concatenate([jnp.zeros((b,), bool), cond])
         both_bank = jax.tree.map(lambda a: jnp.concatenate([a, a]), bank)   # (the first half is masked off)
@@ -609,8 +611,7 @@ class XNemoTask:
 
         def denoise(i, x):  # one compiled denoiser call for all steps (an unrolled loop compiles each)
             step_t = timesteps[i]
-            eps = self._eps(model, jnp.concatenate([x, x]), step_t, both_ctx, both_ref, both_motion, mask,
-                            bank=both_bank)
+            eps = self._eps(model, jnp.concatenate([x, x]), step_t, both_ctx, both_bank, both_motion, mask)
             eps = eps[:b] + self.guidance * (eps[b:] - eps[:b])
             return ddim.step(schedule, eps, step_t, x)[0]
 
