@@ -28,7 +28,7 @@ import os
 import grain
 import numpy as np
 
-from input_pipeline import building, crops, schema
+from input_pipeline import building, crops, latent_cache, schema
 from input_pipeline.errors import UserError
 
 TFDS_NAME = "talking_heads"
@@ -125,10 +125,13 @@ class EmptySplitError(UserError):
 
 
 def open_source(path: str | None, split: str = "train", *, synthetic_clips: int = 256,
-                synthetic_frames: int = 32, synthetic_size: int = 256, seed: int = 0):
+                synthetic_frames: int = 32, synthetic_size: int = 256, seed: int = 0, latents: bool = False):
     """Opens a clip source: a prepared ArrayRecord dir, a TFDS data dir, or (empty path) synthetic data.
 
-    Synthetic data uses disjoint seeds for the ``train`` and ``eval`` splits (held-out identities).
+    Synthetic data uses disjoint seeds for the ``train`` and ``eval`` splits (held-out identities). With
+    ``latents`` and a latent cache in the prepared dir (:mod:`input_pipeline.latent_cache`; checking that it
+    fits the run is the caller's job), every clip also carries its cached per-frame ``latent_moments`` and
+    ``clip_embeds`` arrays, which :class:`MakeXNemoClip` then emits.
     """
     if not path:
         split_seed = {"train": seed, "eval": seed + 1_000_003}.get(split)
@@ -142,7 +145,16 @@ def open_source(path: str | None, split: str = "train", *, synthetic_clips: int 
         paths = building.shard_paths(path, split)
         if not paths:
             raise EmptySplitError(f"the {split!r} split of this dataset is empty", path)
-        return RecordSource(grain.sources.ArrayRecordDataSource(paths), name=f"{path} [{split}]")
+        source = RecordSource(grain.sources.ArrayRecordDataSource(paths), name=f"{path} [{split}]")
+        if latents and latent_cache.exists(path):
+            cached = latent_cache.shard_paths(path, split)
+            if [os.path.basename(p) for p in cached] != [os.path.basename(p) for p in paths]:
+                raise UserError(f"the latent cache's {split!r} shards are not the dataset's (the dataset changed "
+                                f"after the cache was built); {latent_cache.fix_hint(path)}",
+                                latent_cache.info_path(path))
+            source = latent_cache.CachedRecordSource(source, grain.sources.ArrayRecordDataSource(cached),
+                                                     name=f"{path} [{split}]", directory=path)
+        return source
     if os.path.isdir(os.path.join(path, TFDS_NAME)):
         import tensorflow_datasets as tfds  # noqa: PLC0415
 
@@ -241,6 +253,11 @@ class MakeXNemoClip:
     ``f_rts`` (F, 3) (dy, dx, s) of each frame's box against the reference's (``crops.relative_box_
     transform``), ``clip_pixels`` (c, c, 3) float32 (``xnemo_jax.clip.preprocess`` of the reference) and
     the indices. The reference is another frame of the clip than the targets where the clip allows it.
+
+    Clips of a latent-cached source (``open_source(..., latents=True)``) also give ``reference_moments``
+    (h, w, 2C) and ``frame_moments`` (F, h, w, 2C) (the VAE posterior moments, cache dtype) and
+    ``clip_embeds`` (D,) float32 (the reference's CLIP embedding) in place of ``clip_pixels``; their frames
+    must already be at ``resolution`` (the cache was encoded there).
     """
 
     resolution: int
@@ -262,18 +279,27 @@ class MakeXNemoClip:
         ref = int(rng.integers(n - f))
         ref = ref + f if ref >= start else ref   # outside the target frames
         indices = list(range(start, start + f)) + [ref]
-        frames, boxes, _ = take_frames(clip, indices)
+        frames, boxes, extra = take_frames(clip, indices)
+        cached = "latent_moments" in extra
+        if cached and frames.shape[1:3] != (self.resolution, self.resolution):
+            raise UserError(f"clip {clip_index}: its latent cache is of {frames.shape[1]}² frames, the pipeline "
+                            f"makes {self.resolution}² examples")
         frames, boxes = _fit(frames, boxes, self.resolution)
         plain = aug.AugmentConfig(p_color=0.0, p_scale=0.0, p_piecewise=0.0, crop_scale=(self.tight, self.tight),
                                   crop_jitter=0.0)
         motion = [aug.augment_driving(frames[k], boxes[k], rng, self.augment or plain, self.motion_size)[0]
                   for k in range(f)]
         reference_motion = aug.augment_driving(frames[-1], boxes[-1], rng, plain, self.motion_size)[0]
-        return {"reference": frames[-1], "frames": frames[:-1], "motion": np.stack(motion),
-                "reference_motion": reference_motion,
-                "f_rts": crops.relative_box_transform(boxes[-1], boxes[:-1]).astype(np.float32),
-                "clip_pixels": clip_lib.preprocess(frames[-1], self.clip_size)[0],
-                "clip_index": np.int32(clip_index), "start": np.int32(start), "reference_index": np.int32(ref)}
+        out = {"reference": frames[-1], "frames": frames[:-1], "motion": np.stack(motion),
+               "reference_motion": reference_motion,
+               "f_rts": crops.relative_box_transform(boxes[-1], boxes[:-1]).astype(np.float32),
+               "clip_index": np.int32(clip_index), "start": np.int32(start), "reference_index": np.int32(ref)}
+        if cached:
+            out.update(reference_moments=extra["latent_moments"][-1], frame_moments=extra["latent_moments"][:-1],
+                       clip_embeds=np.asarray(extra["clip_embeds"][-1], np.float32))
+        else:
+            out["clip_pixels"] = clip_lib.preprocess(frames[-1], self.clip_size)[0]
+        return out
 
 
 def xnemo_dataset(source, *, batch_size: int, resolution: int, num_frames: int, motion_size: int,
