@@ -43,6 +43,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         synthetic_clips=512,
         synthetic_eval_clips=16,
         synthetic_frames=32,
+        # a prepared dataset's latent cache (launch/prepare_data.py --cache-latents=CKPT): the frozen VAE
+        # moments and CLIP embedding per frame; used when present (False: encode online anyway)
+        use_latent_cache=True,
     ))
     # The motion encoder's input: the driving frame's face crop, augmented (input_pipeline/augment.py):
     # colour jitter, scale within 30 %, piecewise affine, face-centred crop around the official tight 1.1x.

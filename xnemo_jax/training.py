@@ -70,6 +70,7 @@ from xnemo_jax import gan_head as gan_lib
 from xnemo_jax import model as model_lib
 from xnemo_jax import sampling
 from xnemo_jax import scheduler as ddim
+from xnemo_jax import vae as vae_lib
 
 STAGES = ("image", "motion", "temporal", "finetune", "all")
 FROZEN_NETWORKS = ("vae", "image_encoder")
@@ -179,6 +180,12 @@ def face_net_config() -> resnet.ResNetConfig:
     return resnet.ResNetConfig.preset("vggface2")
 
 
+def encoder_weights(vae_params: dict, clip_params: dict) -> dict:
+    """``{"vae": its encoder + quant_conv, "clip": every CLIP weight}`` of pure parameter dicts: the weights
+    the outputs a latent cache stores depend on (its fingerprints are taken over these)."""
+    return {"vae": {k: vae_params[k] for k in ("encoder", "quant_conv")}, "clip": clip_params}
+
+
 # ------------------------------------------------------------------------------------------ task
 def _deep_update(out: dict, tree: dict) -> None:
     for k, v in tree.items():
@@ -259,6 +266,18 @@ class XNemoTask:
     @property
     def clip_size(self) -> int:
         return self.model_config.image_encoder.image_size
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(h, w, C) of a frame's VAE latent (what a latent cache must hold)."""
+        side = self.model_config.resolution // self.model_config.vae_scale
+        return side, side, self.model_config.vae.latent_channels
+
+    def latent_cache_weights(self, state) -> dict:
+        """The frozen weights a latent cache depends on (:func:`encoder_weights`) in a task state."""
+        fixed = state["fixed"]
+        fixed = nnx.to_pure_dict(fixed) if isinstance(fixed, nnx.State) else fixed
+        return encoder_weights(fixed["vae"], fixed["image_encoder"])
 
     # ------------------------------------------------------------------------------------------ state
     def init(self, rng):
@@ -425,16 +444,27 @@ class XNemoTask:
     # ---------------------------------------------------------------------------------------- pieces
     def _encode(self, model, batch, key, sample: bool):
         """Frozen encoders: scaled target latents (B, F, h, w, 4), reference latent (B, h, w, 4), CLIP
-        context (B, 1, D)."""
+        context (B, 1, D). A batch of a latent-cached dataset (``frame_moments``, ``reference_moments``,
+        ``clip_embeds``; :mod:`input_pipeline.latent_cache`) skips the VAE encoder and CLIP: the same draw
+        from the cached posterior (same key, same layout: the same noise as online) and the cached
+        embedding."""
         vae = model.vae
-        ref = to_float(batch["reference"])
-        frames = to_float(batch["frames"])
-        b, f = frames.shape[:2]
-        both = jnp.concatenate([ref, frames.reshape((b * f,) + frames.shape[2:])], axis=0)
-        latents = vae.encode(both).draw(key, sample) * vae.scaling_factor
+        if "frame_moments" in batch:
+            frame_moments = batch["frame_moments"]
+            b, f = frame_moments.shape[:2]
+            moments = jnp.concatenate([batch["reference_moments"],
+                                       frame_moments.reshape((b * f,) + frame_moments.shape[2:])], axis=0)
+            posterior = vae_lib.DiagonalGaussian.from_moments(moments.astype(jnp.float32))
+            context = batch["clip_embeds"].astype(jnp.float32)[:, None]
+        else:
+            ref = to_float(batch["reference"])
+            frames = to_float(batch["frames"])
+            b, f = frames.shape[:2]
+            posterior = vae.encode(jnp.concatenate([ref, frames.reshape((b * f,) + frames.shape[2:])], axis=0))
+            context = model.image_encoder(batch["clip_pixels"]).image_embeds[:, None].astype(jnp.float32)
+        latents = posterior.draw(key, sample) * vae.scaling_factor
         latents = jax.lax.stop_gradient(latents.astype(jnp.float32))
         ref_lat, lat = latents[:b], latents[b:].reshape((b, f) + latents.shape[1:])
-        context = model.image_encoder(batch["clip_pixels"]).image_embeds[:, None].astype(jnp.float32)
         return lat, ref_lat, jax.lax.stop_gradient(context)
 
     def _motion(self, model, batch, *, train: bool, rng):
