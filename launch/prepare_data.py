@@ -2,10 +2,16 @@ r"""Builds a talking-head dataset (ArrayRecord shards, optionally also TFDS) fro
 
     python launch/prepare_data.py --input='videos/**/*.mp4' --output=data/heads --resolution=512
     python launch/prepare_data.py --synthetic=1000 --output=data/synthetic --resolution=256
+    python launch/prepare_data.py --output=data/heads --cache-latents=checkpoints/sd   # X-NeMo latent cache
 
 Each video is face-tracked with BlazeFace, cut into clips, cropped with one stable square per clip and
 resized; see input_pipeline/building.py for the format. Re-running the same command resumes: finished
 shards are skipped. Unreadable videos and videos without a face are reported and skipped.
+
+``--cache-latents=CKPT`` (alone on a built dataset, or with --input/--synthetic after building) stores X-NeMo's
+frozen VAE posterior moments and CLIP embedding of every frame in OUTPUT/latents/ (see launch/cache_latents.py
+for what CKPT may be: a `launch/convert.py sd` output, an X-NeMo training run or params checkpoint), so
+training skips those encoders; resumable shard by shard too.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ flags.DEFINE_integer("max_frames", 0, "Read at most this many frames per video (
 flags.DEFINE_integer("videos_per_shard", 16, "Videos per shard group (synthetic: 64 clips per shard).")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic clips.")
 flags.DEFINE_string("tfds_dir", "", "Also build the TFDS 'talking_heads' dataset under this data dir.")
+flags.DEFINE_string("cache_latents", "", "X-NeMo latent cache: encode every frame with the frozen VAE and CLIP of "
+                    "this checkpoint (convert.py sd output, X-NeMo run or params checkpoint) into OUTPUT/latents/ "
+                    "(also spelled --cache-latents).")
+flags.DEFINE_enum("cache_dtype", "float16", ["float16", "float32"], "Storage dtype of the cached VAE moments.")
+flags.DEFINE_integer("cache_batch_size", 16, "Frames per compiled encoder call when caching latents.")
 
 
 def main(argv):
@@ -48,8 +59,14 @@ def main(argv):
     from input_pipeline.errors import UserError  # noqa: PLC0415
 
     F = flags.FLAGS
-    if bool(F.input) == bool(F.synthetic):
+    if F.input and F.synthetic:
         raise UserError("give exactly one of --input (videos) or --synthetic=N")
+    if not F.input and not F.synthetic:
+        if not F.cache_latents:
+            raise UserError("give exactly one of --input (videos) or --synthetic=N (or --cache-latents=CKPT to "
+                            "cache the latents of the dataset already in --output)")
+        _cache(F)
+        return
     if F.resolution < 16:
         raise UserError(f"--resolution must be >= 16, got {F.resolution}")
     options = building.BuildOptions(
@@ -78,7 +95,23 @@ def main(argv):
         print(f"TFDS dataset 'talking_heads' written under {F.tfds_dir}")
     if sum(info["num_clips"].values()) == 0:
         raise UserError("no clips were written (every input was skipped; see the messages above)", F.output)
+    if F.cache_latents:
+        _cache(F)
+
+
+def _cache(F) -> None:
+    from input_pipeline import latent_cache  # noqa: PLC0415
+    from launch import cache_latents  # noqa: PLC0415
+
+    encoders = cache_latents.load_encoders(F.cache_latents)
+    info = cache_latents.build_cache(F.output, encoders, batch_size=F.cache_batch_size, moments_dtype=F.cache_dtype)
+    print(f"latent cache: {info['written']} shard(s) written, {info['skipped']} already there; "
+          f"{latent_cache.describe(info)}")
+    print(json.dumps({"latent_cache": latent_cache.cache_dir(F.output), "written": info["written"],
+                      "skipped": info["skipped"], "bytes_per_frame": info["bytes_per_frame"]}))
 
 
 if __name__ == "__main__":
+    sys.argv = [("--cache_latents" + a[len("--cache-latents"):]) if a.startswith("--cache-latents") else a
+                for a in sys.argv]
     cli.run(main)
