@@ -92,15 +92,41 @@ def _check_batch(config, mesh) -> int:
     return config.batch_size // procs
 
 
-def _make_data(config, per_process: int, with_eval: bool, task=None):
+def _latent_cache(config, task):
+    """The latent cache info of ``data.path`` when this (X-NeMo) run uses it, checked against the run's
+    resolution and latent shape (the weights are checked by :meth:`Runtime.check_latent_cache`); else None."""
+    from input_pipeline import latent_cache  # noqa: PLC0415
+
+    d = config.data
+    if config.get("model_name") != "xnemo" or not d.path:
+        return None
+    if not latent_cache.exists(d.path):
+        logging.info("latent cache: none in %s: the frozen VAE and CLIP encode every batch (build one with "
+                     "`python launch/prepare_data.py --output=%s --cache-latents=CKPT`)", d.path, d.path)
+        return None
+    if not d.get("use_latent_cache", True):
+        logging.info("latent cache: %s ignored (data.use_latent_cache=False): the frozen VAE and CLIP encode "
+                     "every batch", latent_cache.cache_dir(d.path))
+        return None
+    return latent_cache.check(d.path, resolution=d.resolution, latent_shape=task.latent_shape)
+
+
+def _host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _make_data(config, per_process: int, with_eval: bool, task=None, latents: bool = False):
     """The training iterator and the eval batch sets (none when evaluation is off: the eval split is then
-    never opened, so a dataset without one trains)."""
+    never opened, so a dataset without one trains). ``latents``: read the dataset's latent cache too."""
     from input_pipeline import pipeline  # noqa: PLC0415
 
     d = config.data
     train_source = pipeline.open_source(d.path, "train", synthetic_clips=d.synthetic_clips,
                                         synthetic_frames=d.synthetic_frames, synthetic_size=d.resolution,
-                                        seed=config.seed)
+                                        seed=config.seed, latents=latents)
     xnemo = config.get("model_name") == "xnemo"
     if xnemo:  # reference + target frames + motion crops (xnemo_jax/training.py)
         from input_pipeline import augment  # noqa: PLC0415
@@ -123,7 +149,7 @@ def _make_data(config, per_process: int, with_eval: bool, task=None):
     try:
         eval_source = pipeline.open_source(d.path, "eval", synthetic_clips=d.synthetic_eval_clips,
                                            synthetic_frames=d.synthetic_frames, synthetic_size=d.resolution,
-                                           seed=config.seed)
+                                           seed=config.seed, latents=latents)
     except pipeline.EmptySplitError as err:
         raise UserError("the 'eval' split of this dataset is empty: re-prepare it with launch/prepare_data.py "
                         "--eval_fraction=0.1 (with two or more videos at least one is then held out) or train "
@@ -206,8 +232,9 @@ class Runtime:
         self.eval_step = jax.jit(eval_step, in_shardings=(self.shardings, frozen_sh, batch_sh),
                                  out_shardings=(repl, repl, repl))
 
+        self.latent_cache = _latent_cache(config, task)
         self.train_it, self.eval_sets = _make_data(config, self.per_process, int(config.eval_every_steps) > 0,
-                                                    task)
+                                                    task, latents=self.latent_cache is not None)
         self.checkpointer = checkpointing.TrainCheckpointer(os.path.join(self.workdir, "checkpoints"),
                                                             max_to_keep=config.checkpoint_keep)
         self.writer = metrics.create_writer(self.workdir, is_main=self.is_main)
@@ -222,6 +249,18 @@ class Runtime:
             return step, state
         logging.info("no checkpoint in %s: starting from step 0", self.workdir)
         return 0, self.init_fn()
+
+    def check_latent_cache(self, state) -> None:
+        """Refuses a latent cache built from other frozen weights than this run's (a one-line UserError)."""
+        if self.latent_cache is None:
+            return
+        from input_pipeline import latent_cache  # noqa: PLC0415
+
+        weights = self.task.latent_cache_weights(state["model"])
+        fingerprints = {k: latent_cache.fingerprint(jax.tree.map(_host, v)) for k, v in weights.items()}
+        info = latent_cache.check(self.config.data.path, fingerprints=fingerprints)
+        logging.info("latent cache: using %s (%s): the frozen VAE encoder and CLIP are skipped",
+                     latent_cache.cache_dir(self.config.data.path), latent_cache.describe(info))
 
     def global_batch(self, batch):
         return sharding.global_batch(batch, self.mesh)
@@ -284,6 +323,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f.write(config.to_json_best_effort(indent=1))
     rt = Runtime(config, workdir)
     step, state = rt.initial_state()
+    rt.check_latent_cache(state)
     logging.info("%s", rt.task.describe(state["model"]))
     total = int(config.num_train_steps)
     eval_every = int(config.eval_every_steps)  # <= 0: no evaluation at all (quick smoke runs)
