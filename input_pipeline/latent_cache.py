@@ -165,9 +165,12 @@ def check(directory: str, *, resolution: int | None = None, latent_shape=None,
     if latent_shape is not None and list(info["latent_shape"]) != [int(s) for s in latent_shape]:
         problems.append(f"its latents are {tuple(info['latent_shape'])} but this run's VAE makes "
                         f"{tuple(int(s) for s in latent_shape)}")
-    for name, label in (("vae", "VAE encoder"), ("clip", "CLIP")):
-        if fingerprints is not None and name in fingerprints and info.get(f"{name}_fingerprint") != fingerprints[name]:
-            problems.append(f"it was built with other {label} weights ({info.get('source', '?')}) than this run's")
+    other = [label for name, label in (("vae", "VAE encoder"), ("clip", "CLIP"))
+             if fingerprints is not None and name in fingerprints
+             and info.get(f"{name}_fingerprint") != fingerprints[name]]
+    if other:
+        problems.append(f"it was built with other {' and '.join(other)} weights ({info.get('source', '?')}) than "
+                        "this run's")
     if problems:
         raise UserError(f"latent cache does not fit this run: {'; '.join(problems)}; {fix_hint(directory)}", path)
     return info
