@@ -147,13 +147,14 @@ def open_source(path: str | None, split: str = "train", *, synthetic_clips: int 
             raise EmptySplitError(f"the {split!r} split of this dataset is empty", path)
         source = RecordSource(grain.sources.ArrayRecordDataSource(paths), name=f"{path} [{split}]")
         if latents and latent_cache.exists(path):
-            cached = latent_cache.shard_paths(path, split)
+            cached, offsets = latent_cache.shard_paths(path, split)
             if [os.path.basename(p) for p in cached] != [os.path.basename(p) for p in paths]:
                 raise UserError(f"the latent cache's {split!r} shards are not the dataset's (the dataset changed "
                                 f"after the cache was built); {latent_cache.fix_hint(path)}",
                                 latent_cache.info_path(path))
-            source = latent_cache.CachedRecordSource(source, grain.sources.ArrayRecordDataSource(cached),
-                                                     name=f"{path} [{split}]", directory=path)
+            source = latent_cache.CachedRecordSource(source, grain.sources.ArrayRecordDataSource(cached), offsets,
+                                                     latent_cache.load_info(path), name=f"{path} [{split}]",
+                                                     directory=path)
         return source
     if os.path.isdir(os.path.join(path, TFDS_NAME)):
         import tensorflow_datasets as tfds  # noqa: PLC0415

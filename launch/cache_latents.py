@@ -9,7 +9,7 @@
   (the tiny model's random VAE / CLIP live there);
 * an X-NeMo params checkpoint (``launch/convert.py xnemo`` output).
 
-Every clip of every split is encoded at the dataset's resolution, in float32, on the default JAX device
+Every frame of every clip of every split is encoded at the dataset's resolution, in float32, on the default JAX device
 with one jit-compiled program (fixed batches of ``batch_size`` frames; the last one padded). Shards are
 written under temporary names and renamed when complete, so a killed run restarts at the first missing
 shard and never leaves a half-written one that is later read; ``cache_info.json`` is written last (see
@@ -211,9 +211,10 @@ def build_cache(directory: str, encoders: Encoders, *, batch_size: int = 16, mom
     total = sum(_num_records(p) for p, _ in todo)
     bar = tqdm(total=total, desc="caching latents", unit="clip", disable=not progress)
     for frames_path, out in todo:
-        with atomic_output(out) as tmp:
-            from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
+        from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
 
+        with atomic_output(out) as tmp:
+            frames_per_clip = []
             writer = ArrayRecordWriter(tmp, "group_size:1")
             try:
                 for data in _read_records(frames_path):
@@ -221,31 +222,49 @@ def build_cache(directory: str, encoders: Encoders, *, batch_size: int = 16, mom
                     if (record.height, record.width) != (resolution, resolution):
                         raise UserError(f"clip {record.meta.get('clip_id', '?')} is {record.height}x{record.width}, "
                                         f"the dataset {resolution}²", frames_path)
-                    writer.write(latent_cache.serialize(_encode_clip(record, encode, batch_size, clip_lib,
-                                                                     encoders.clip_size)))
+                    clip_id = str(record.meta.get("clip_id", "?"))
+                    moments, embeds = _encode_clip(record, encode, batch_size, clip_lib, encoders.clip_size)
+                    for k in range(record.num_frames):
+                        writer.write(latent_cache.serialize(clip_id, k, record.num_frames, moments[k], embeds[k]))
+                    frames_per_clip.append(record.num_frames)
                     bar.update(1)
             finally:
                 writer.close()
+            with atomic_output(_index_path(out)) as index_tmp, open(index_tmp, "w") as f:   # before the rename
+                json.dump({"frames_per_clip": frames_per_clip}, f)
     bar.close()
     info = {**spec, "source": encoders.source,
             "moments_layout": "mean then logvar (clipped to [-30, 20]) on the last axis, unscaled latents",
             "clip_embed_dim": int(encoders.image_encoder.config.projection_dim),
             "bytes_per_frame": (2 * int(np.prod(latent_shape)) * np.dtype(moments_dtype).itemsize
                                 + 4 * int(encoders.image_encoder.config.projection_dim)),
-            "shards": {s: [{"file": n, "records": _num_records(os.path.join(out_dir, n))} for n in names]
-                       for s, names in shards.items()}}
-    for names in info["shards"].values():
-        for entry in names:
-            want = _num_records(os.path.join(directory, entry["file"]))
-            if entry["records"] != want:
-                raise UserError(f"latent shard has {entry['records']} records, the frame shard {want}; delete it "
-                                "and rerun", os.path.join(out_dir, entry["file"]))
+            "shards": {s: [_shard_entry(directory, out_dir, n) for n in names] for s, names in shards.items()}}
     with atomic_output(latent_cache.info_path(directory)) as tmp, open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
+        json.dump(info, f)
     return {**info, "written": len(todo), "skipped": skipped}
 
 
-def _encode_clip(record, encode, batch_size: int, clip_lib, clip_size: int) -> latent_cache.LatentRecord:
+def _index_path(shard: str) -> str:
+    return os.path.join(os.path.dirname(shard), ".index", os.path.basename(shard) + ".json")
+
+
+def _shard_entry(directory: str, out_dir: str, name: str) -> dict:
+    """A finished latent shard's entry of cache_info.json, checked against its frame shard."""
+    path = os.path.join(out_dir, name)
+    try:
+        with open(_index_path(path)) as f:
+            frames_per_clip = [int(n) for n in json.load(f)["frames_per_clip"]]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"latent shard without a readable index ({type(e).__name__}); delete it and rerun", path) from e
+    records, clips = _num_records(path), _num_records(os.path.join(directory, name))
+    if len(frames_per_clip) != clips or sum(frames_per_clip) != records:
+        raise UserError(f"latent shard holds {records} frames of {len(frames_per_clip)} clips, the frame shard "
+                        f"{clips} clips; delete it and rerun", path)
+    return {"file": name, "records": records, "clips": clips, "frames_per_clip": frames_per_clip}
+
+
+def _encode_clip(record, encode, batch_size: int, clip_lib, clip_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A clip's ``(moments (T, h, w, 2C), clip embeddings (T, D))``."""
     frames = record.decode_frames()
     moments, embeds = [], []
     for start in range(0, len(frames), batch_size):
@@ -258,5 +277,4 @@ def _encode_clip(record, encode, batch_size: int, clip_lib, clip_size: int) -> l
         m, e = encode(chunk, pixels)
         moments.append(np.asarray(m)[:n])
         embeds.append(np.asarray(e)[:n])
-    return latent_cache.LatentRecord(str(record.meta.get("clip_id", "?")), np.concatenate(moments),
-                                     np.concatenate(embeds))
+    return np.concatenate(moments), np.concatenate(embeds)

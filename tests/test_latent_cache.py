@@ -64,7 +64,7 @@ def built(tmp_path_factory):
     data = str(root / "data")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "prepare_data.py"), f"--output={data}",
                           f"--synthetic={CLIPS}", f"--resolution={RES}", f"--frames_per_clip={FRAMES}",
-                          "--eval_fraction=0.34", f"--cache-latents={ckpt}", "--cache_batch_size=4"],
+                          "--eval_fraction=0.3", f"--cache-latents={ckpt}", "--cache_batch_size=4"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -93,7 +93,9 @@ def test_the_cli_writes_the_cache_next_to_the_frames(built):
     assert info["source"] == os.path.abspath(built.ckpt)
     data_info = building.load_info(built.data)
     assert {s: [e["file"] for e in v] for s, v in info["shards"].items()} == data_info["shards"]
-    assert sum(e["records"] for v in info["shards"].values() for e in v) == CLIPS
+    entries = [e for v in info["shards"].values() for e in v]   # one record per frame
+    assert sum(e["clips"] for e in entries) == CLIPS and sum(e["records"] for e in entries) == CLIPS * FRAMES
+    assert all(e["frames_per_clip"] == [FRAMES] * e["clips"] for e in entries)
     assert built.summary["written"] == 2 and built.summary["skipped"] == 0   # train + eval shards
     # per frame: 2C x h x w float16 moments + a float32 CLIP embedding
     want = 2 * side * side * cfg.vae.latent_channels * 2 + 4 * cfg.image_encoder.projection_dim
@@ -106,22 +108,21 @@ def test_cached_moments_and_embeddings_equal_the_online_encoders(built):
     embed = jax.jit(lambda x: built.clip(x).image_embeds)
     worst_m = worst_e = 0.0
     for split in building.SPLITS:
-        for frames_path in building.shard_paths(built.data, split):
-            cached = _records(os.path.join(latent_cache.cache_dir(built.data), os.path.basename(frames_path)))
-            for data, lat_data in zip(_records(frames_path), cached, strict=True):
-                clip, lat = schema.deserialize(data), latent_cache.deserialize(lat_data)
-                assert lat.clip_id == clip.meta["clip_id"] and lat.num_frames == FRAMES
-                assert lat.moments.dtype == np.float16 and lat.clip_embeds.dtype == np.float32
-                frames = clip.decode_frames()
-                post = encode(frames)
-                online = np.concatenate([np.asarray(post.mean), np.asarray(post.logvar)], axis=-1)
-                np.testing.assert_allclose(lat.moments.astype(np.float32), online, rtol=F16_RTOL, atol=F16_ATOL)
-                emb = np.asarray(embed(clip_lib.preprocess(frames, model_lib.XNemoConfig.preset("tiny")
-                                                          .image_encoder.image_size)))
-                np.testing.assert_allclose(lat.clip_embeds, emb, rtol=1e-5, atol=1e-5)
-                worst_m = max(worst_m, float(np.max(np.abs(lat.moments.astype(np.float32) - online)
-                                                 / np.maximum(np.abs(online), 1e-3))))
-                worst_e = max(worst_e, float(np.max(np.abs(lat.clip_embeds - emb))))
+        clips = [schema.deserialize(d) for p in building.shard_paths(built.data, split) for d in _records(p)]
+        for index, clip in enumerate(clips):
+            moments, embeds = latent_cache.read_clip(built.data, split, index)
+            assert moments.shape[0] == embeds.shape[0] == FRAMES
+            assert moments.dtype == np.float16 and embeds.dtype == np.float32
+            frames = clip.decode_frames()
+            post = encode(frames)
+            online = np.concatenate([np.asarray(post.mean), np.asarray(post.logvar)], axis=-1)
+            np.testing.assert_allclose(moments.astype(np.float32), online, rtol=F16_RTOL, atol=F16_ATOL)
+            emb = np.asarray(embed(clip_lib.preprocess(frames, model_lib.XNemoConfig.preset("tiny")
+                                                      .image_encoder.image_size)))
+            np.testing.assert_allclose(embeds, emb, rtol=1e-5, atol=1e-5)
+            worst_m = max(worst_m, float(np.max(np.abs(moments.astype(np.float32) - online)
+                                             / np.maximum(np.abs(online), 1e-3))))
+            worst_e = max(worst_e, float(np.max(np.abs(embeds - emb))))
     print(f"max relative moment error {worst_m:.2e}, max abs CLIP error {worst_e:.2e}")
 
 
@@ -145,11 +146,12 @@ def test_encode_from_the_cache_equals_encoding_online(built, task):
     side, _, c = task.latent_shape
     assert batch["frame_moments"].shape == (2, 2, side, side, 2 * c) 
     assert batch["clip_embeds"].shape == (2, task.model_config.image_encoder.projection_dim)
-    lat0 = latent_cache.deserialize(_records(latent_cache.shard_paths(built.data, "train")[0])[0])
-    (i,) = np.flatnonzero(batch["clip_index"] == 0)[:1]
-    np.testing.assert_array_equal(batch["reference_moments"][i], lat0.moments[batch["reference_index"][i]])
-    start = int(batch["start"][i])
-    np.testing.assert_array_equal(batch["frame_moments"][i], lat0.moments[start:start + 2])
+    for i, clip_index in enumerate(batch["clip_index"]):   # the example's frames, read one record each
+        moments, embeds = latent_cache.read_clip(built.data, "train", int(clip_index))
+        ref, start = int(batch["reference_index"][i]), int(batch["start"][i])
+        np.testing.assert_array_equal(batch["reference_moments"][i], moments[ref])
+        np.testing.assert_array_equal(batch["frame_moments"][i], moments[start:start + 2])
+        np.testing.assert_array_equal(batch["clip_embeds"][i], embeds[ref])
 
     model = types.SimpleNamespace(vae=built.vae, image_encoder=built.clip)
     key = jax.random.key(7)
@@ -220,3 +222,38 @@ def test_a_rerun_skips_finished_shards_and_rewrites_only_a_missing_one(built):
     assert (info["written"], info["skipped"]) == (1, 1)
     after = {p: open(p, "rb").read() for p in glob.glob(os.path.join(cache, "*.array_record"))}
     assert after == before
+
+
+def test_the_pipeline_reads_only_the_frames_it_takes(built):
+    """One record per frame: an example reads its F + 1 frames' records, not the clip's; a record of another
+    clip (a dataset changed under its cache) is refused."""
+    import grain
+
+    paths, offsets = latent_cache.shard_paths(built.data, "train")
+    info = latent_cache.load_info(built.data)
+    reads = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitems__(self, keys):
+            reads.extend(keys)
+            return self.inner.__getitems__(keys)
+
+    frames = pipeline.open_source(built.data, "train")
+    source = latent_cache.CachedRecordSource(frames, Counting(grain.sources.ArrayRecordDataSource(paths)), offsets,
+                                             info, name="train", directory=built.data)
+    clip = source[1]
+    _, _, extra = pipeline.take_frames(clip, [3, 0, 2])
+    assert sorted(reads) == [offsets[1] + k for k in (0, 2, 3)]          # one read for moments and embeddings
+    np.testing.assert_array_equal(extra["latent_moments"], latent_cache.read_clip(built.data, "train", 1)[0][[3, 0, 2]])
+    assert len(frames) == 2
+    shifted = np.array([FRAMES, 2 * FRAMES, 2 * FRAMES])   # clip 0 pointed at clip 1's records
+    shifted = latent_cache.CachedRecordSource(frames, grain.sources.ArrayRecordDataSource(paths), shifted, info,
+                                              name="train", directory=built.data)
+    with pytest.raises(UserError, match="expected frame 0 of"):
+        pipeline.take_frames(shifted[0], [0])
