@@ -257,3 +257,18 @@ def test_the_pipeline_reads_only_the_frames_it_takes(built):
                                               name="train", directory=built.data)
     with pytest.raises(UserError, match="expected frame 0 of"):
         pipeline.take_frames(shifted[0], [0])
+
+
+def test_the_weights_can_come_from_an_xnemo_training_run(built, tmp_path):
+    """A training workdir (the tiny model keeps its random VAE / CLIP there): its newest step's frozen
+    ``vae`` and ``image_encoder`` are read, and fingerprint like the weights that were saved."""
+    ckpt = checkpointing.TrainCheckpointer(str(tmp_path / "run" / "checkpoints"), asynchronous=False)
+    state = {"step": jnp.int32(3), "model": {"fixed": {"vae": nnx.state(built.vae, nnx.Param),
+                                                      "image_encoder": nnx.state(built.clip, nnx.Param)}}}
+    data_it = pipeline.make_iterator(pipeline.pairs_dataset(pipeline.open_source(built.data, "train"), batch_size=1,
+                                                            resolution=RES, shard_index=0, shard_count=1))
+    ckpt.save(3, state, data_it, {"model_name": "xnemo", "model": {"preset": "tiny"}, "data": {"resolution": RES}})
+    ckpt.close()
+    encoders = cache_latents.load_encoders(str(tmp_path / "run"))
+    assert encoders.fingerprints() == {k: latent_cache.fingerprint(v) for k, v in built.weights.items()}
+    assert encoders.source.endswith("(step 3)")
