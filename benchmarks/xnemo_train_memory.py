@@ -68,7 +68,7 @@ GROUPS = {"trainable": ("trainable", "gan_generator", "discriminator"), "frozen"
 
 # --------------------------------------------------------------------------------------------- config
 def make_config(variant: str = "official", stage: str | None = None, *, batch_size: int | None = None,
-                num_frames: int | None = None):
+                num_frames: int | None = None, remat: bool | None = None):
     """``configs/xnemo.py:variant`` with ``stage``; full-size clip stages default to the paper's 16 x 24
     frames. Frozen loss-network paths get a placeholder (their shapes are all the lowering needs)."""
     from configs import xnemo  # noqa: PLC0415
@@ -82,6 +82,8 @@ def make_config(variant: str = "official", stage: str | None = None, *, batch_si
         c.batch_size = int(batch_size)
     if num_frames is not None:
         c.data.num_frames = int(num_frames)
+    if remat is not None:
+        c.model.remat = bool(remat)
     for term, key in (("vgg", "vgg19_path"), ("vggface", "vggface_path")):
         if c.loss[term] > 0 and not c.loss[key]:
             c.loss[key] = PLACEHOLDER
@@ -248,9 +250,9 @@ def compiled_memory(lowered) -> dict:
 
 def measure(variant: str = "official", stage: str | None = None, *, fsdp: int = 8, batch_size: int | None = None,
             num_frames: int | None = None, mesh_kind: str = "abstract", lower: bool = True, compile: bool = False,
-            exact_rngs: bool = False) -> dict:
+            exact_rngs: bool = False, remat: bool | None = None) -> dict:
     """Everything the table shows, as a dict (the JSON)."""
-    config = make_config(variant, stage, batch_size=batch_size, num_frames=num_frames)
+    config = make_config(variant, stage, batch_size=batch_size, num_frames=num_frames, remat=remat)
     make = abstract_mesh if mesh_kind == "abstract" else device_mesh
     mesh, mesh1 = make(1, fsdp, 1), make(1, 1, 1)
     if config.batch_size % sharding.batch_shards(mesh):   # the runtime's check (launch/trainer.py _check_batch)
@@ -264,7 +266,8 @@ def measure(variant: str = "official", stage: str | None = None, *, fsdp: int = 
     shardings = sharding.state_shardings(abstract, mesh, rules)
     result = {"variant": variant, "stage": task.stage, "batch_size": int(config.batch_size),
               "num_frames": task.num_frames, "resolution": task.model_config.resolution,
-              "dtype": str(config.model.dtype), "gan_head": task.use_gan, "mesh": dict(mesh.shape),
+              "dtype": str(config.model.dtype), "remat": bool(config.model.remat), "gan_head": task.use_gan,
+              "mesh": dict(mesh.shape),
               "mesh_kind": mesh_kind,
               "task_s": t1 - t0, "eval_shape_s": t2 - t1, "exact_rngs": exact_rngs,
               f"fsdp{fsdp}": memory_table(abstract, shardings),
@@ -284,7 +287,8 @@ def print_table(r: dict, fsdp: int) -> None:
     big = r[f"fsdp{fsdp}"]
     unit, scale = ("GiB", 1 << 30) if big["params_and_optimizer"]["bytes"] >= 1 << 30 else ("MiB", 1 << 20)
     print(f"X-NeMo {r['variant']} {r['resolution']}², stage {r['stage']!r}, {r['dtype']} compute, batch "
-          f"{r['batch_size']} x {r['num_frames']} frame(s), GAN head {'on' if r['gan_head'] else 'off'}; "
+          f"{r['batch_size']} x {r['num_frames']} frame(s), remat {'on' if r['remat'] else 'off'}, "
+          f"GAN head {'on' if r['gan_head'] else 'off'}; "
           f"mesh data=1 x fsdp={fsdp} ({r['mesh_kind']})")
     print(f"{'group':22s} {'leaves':>6s} {'params (M)':>11s} {f'total {unit}':>10s} {f'FSDP{fsdp} {unit}/dev':>15s} "
           f"{f'FSDP1 {unit}/dev':>14s} {f'replicated {unit}':>15s}")
@@ -319,13 +323,16 @@ def main():
     p.add_argument("--no-lower", action="store_true", help="memory figures only")
     p.add_argument("--compile", action="store_true", help="also compile (needs --mesh=cpu) for XLA's memory analysis")
     p.add_argument("--exact-rngs", action="store_true", help="trace init with the real nnx.Rngs (slow)")
+    p.add_argument("--remat", choices=("config", "on", "off"), default="config",
+                   help="gradient checkpointing of the UNets (config: the variant's model.remat)")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "xnemo_train_memory.json"))
     args = p.parse_args()
     if args.compile and args.mesh != "cpu":
         p.error("--compile needs --mesh=cpu (an abstract mesh has no devices to compile for)")
 
     r = measure(args.variant, args.stage, fsdp=args.fsdp, batch_size=args.batch_size, num_frames=args.num_frames,
-                mesh_kind=args.mesh, lower=not args.no_lower, compile=args.compile, exact_rngs=args.exact_rngs)
+                mesh_kind=args.mesh, lower=not args.no_lower, compile=args.compile, exact_rngs=args.exact_rngs,
+                remat={"config": None, "on": True, "off": False}[args.remat])
     print_table(r, args.fsdp)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

@@ -24,8 +24,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.variant = variant
     c.seed = 0
     c.stage = "all" if tiny else "image"
-    # xnemo_jax.model.XNemoConfig.preset(preset, dtype=...): dtype is the compute dtype (parameters float32)
-    c.model = ml_collections.ConfigDict(dict(preset=variant, dtype="float32" if tiny else "bfloat16"))
+    # xnemo_jax.model.XNemoConfig.preset(preset, dtype=..., remat=...): dtype is the compute dtype (parameters
+    # float32); remat recomputes the denoiser's and reference net's block activations in the backward pass
+    # (gradient checkpointing: same gradients, far less activation memory, ~1 more forward of compute);
+    # vae_init: how a VAE no weights fill starts (tiny: "zero_residual", a near-linear random VAE whose latents
+    # keep the frames' information; see xnemo_jax.vae.zero_residual_; init.sd / checkpoints replace it)
+    c.model = ml_collections.ConfigDict(dict(preset=variant, dtype="float32" if tiny else "bfloat16",
+                                             remat=not tiny, vae_init="zero_residual" if tiny else "random"))
     # Initial weights. init.sd = a `launch/convert.py sd --unet --vae --clip` output (sd-image-variations UNet
     # -> denoiser SD part + reference net, the SVD VAE, CLIP; the official image stage starts there);
     # init.animatediff = AnimateDiff v2 temporal modules (mm_sd_v15_v2.ckpt, read with torch);
@@ -77,7 +82,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     ))
     # AdamW (paper: lr 1e-5) for the diffusion networks; the GAN head's generator and its discriminator
     # have their own states (gan_lr, d_lr: Burkov et al.'s 2e-4 at full size; ours, not published).
-    c.optim = ml_collections.ConfigDict(dict(lr=3e-4 if tiny else 1e-5, gan_lr=1e-3 if tiny else 2e-4,
+    c.optim = ml_collections.ConfigDict(dict(lr=1e-3 if tiny else 1e-5, gan_lr=1e-3 if tiny else 2e-4,
                                              d_lr=1e-3 if tiny else 2e-4, b1=0.9, b2=0.999, eps=1e-8,
                                              weight_decay=1e-2, grad_clip=1.0, warmup_steps=20 if tiny else 1000))
 

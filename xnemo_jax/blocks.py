@@ -38,8 +38,14 @@ class ResnetBlock2D(nnx.Module):
         shortcut = in_channels != out_channels if use_in_shortcut is None else use_in_shortcut
         self.conv_shortcut = layers.Conv(in_channels, out_channels, 1, **kw) if shortcut else None
         self.output_scale_factor = output_scale_factor
+        self.remat = False  # recompute the block's activations in the backward pass (layers.set_remat)
 
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        if self.remat:
+            return layers.checkpointed(self, type(self)._forward, x, temb)
+        return self._forward(x, temb)
+
+    def _forward(self, x: jax.Array, temb: jax.Array | None) -> jax.Array:
         h = self.conv1(layers.silu(self.norm1(x)))
         if temb is not None and self.time_emb_proj is not None:
             t = self.time_emb_proj(layers.silu(temb))

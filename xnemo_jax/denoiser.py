@@ -221,8 +221,14 @@ class TemporalTransformerBlock(nnx.Module):
         self.norms = nnx.List([layers.LayerNorm(dim, eps=1e-5, dtype=dtype) for _ in cfg.attention_block_types])
         self.ff = unet.FeedForward(dim, **kw)
         self.ff_norm = layers.LayerNorm(dim, eps=1e-5, dtype=dtype)
+        self.remat = False  # recompute the block's activations in the backward pass (layers.set_remat)
 
     def __call__(self, x: jax.Array, frames: int, context: jax.Array | None) -> jax.Array:
+        if self.remat:  # (frames stays a Python int: closed over, not traced)
+            return layers.checkpointed(self, lambda m, x, c: m._forward(x, frames, c), x, context)
+        return self._forward(x, frames, context)
+
+    def _forward(self, x: jax.Array, frames: int, context: jax.Array | None) -> jax.Array:
         for attn, norm in zip(self.attention_blocks, self.norms, strict=True):
             x = attn(norm(x), frames, context) + x
         return self.ff(self.ff_norm(x)) + x

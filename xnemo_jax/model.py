@@ -41,15 +41,17 @@ VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, n
 TINY_UNET = dict(denoiser_lib.TINY_UNET, block_out_channels=[32, 64], layers_per_block=1,
                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
-# scaling_factor: the tiny VAE is random (nothing to convert), its posterior means have a std of about 0.34 on
-# the synthetic heads; 3.0 brings the diffusion latents to about unit std, as 0.18215 does for SD's trained VAE
-# (with 0.18215 they would be ~0.06: the denoising targets would be nearly pure noise)
+# scaling_factor: the tiny VAE is random (nothing to convert; XNemoConfig.vae_init "zero_residual"), its
+# posterior means have a std of about 0.31 on the synthetic heads; 3.0 brings the diffusion latents to about
+# unit std (0.93), as 0.18215 does for SD's trained VAE (with 0.18215 they would be ~0.06: the denoising
+# targets would be nearly pure noise)
 TINY_VAE = dict(SVD_XT_VAE, down_block_types=["DownEncoderBlock2D"] * 3, block_out_channels=[32, 64, 64],
                 layers_per_block=1, sample_size=64, scaling_factor=3.0)
 TINY_CLIP = dict(VIT_L14, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  patch_size=32, projection_dim=64)
 
 PRESETS = ("official", "tiny")
+VAE_INITS = ("random", "zero_residual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,11 @@ class XNemoConfig:
     image_encoder: clip.CLIPVisionConfig
     resolution: int = 512          # reference / output frames (latents are resolution / vae_scale)
     dtype: str = "float32"         # compute dtype (parameters stay float32)
+    remat: bool = False            # gradient checkpointing of the denoiser's and reference net's blocks
+    # how a VAE that no checkpoint fills is initialised: "random" (the initialisers' draw) or "zero_residual"
+    # (vae.zero_residual_: a near-linear random VAE whose latents keep the image's information; the tiny
+    # preset's, which has no trained VAE). Loaded weights (init.sd, a checkpoint) replace either.
+    vae_init: str = "random"
 
     def __post_init__(self):
         u = self.denoiser.unet
@@ -76,6 +83,8 @@ class XNemoConfig:
         if self.resolution % (self.vae_scale * 2 ** (len(u.block_out_channels) - 1)):
             problems.append(f"resolution {self.resolution} is not a multiple of the VAE scale {self.vae_scale} x "
                             f"the UNet's downsampling {2 ** (len(u.block_out_channels) - 1)}")
+        if self.vae_init not in VAE_INITS:
+            problems.append(f"vae_init {self.vae_init!r} is not one of {VAE_INITS}")
         m = self.denoiser.motion_module
         tokens = (self.motion_encoder.num_tokens, self.motion_encoder.token_dim)
         if self.denoiser.use_motion_module and m.cross_attention_dim != tokens[1]:
@@ -105,7 +114,8 @@ class XNemoConfig:
             config = cls(denoiser=denoiser_lib.DenoiserConfig.from_dict(TINY_UNET),
                          motion_encoder=motion_lib.MotionEncoderConfig.tiny(),
                          vae=vae.TemporalVAEConfig.from_dict(TINY_VAE),
-                         image_encoder=clip.CLIPVisionConfig.from_dict(TINY_CLIP), resolution=64)
+                         image_encoder=clip.CLIPVisionConfig.from_dict(TINY_CLIP), resolution=64,
+                         vae_init="zero_residual")
         else:
             raise ValueError(f"unknown X-NeMo preset {name!r}; choose one of {PRESETS}")
         return dataclasses.replace(config, **changes) if changes else config
@@ -122,7 +132,8 @@ class XNemoConfig:
                    motion_encoder=motion_lib.MotionEncoderConfig.from_dict(d["motion_encoder"]),
                    vae=vae.TemporalVAEConfig.from_dict(d["vae"]),
                    image_encoder=clip.CLIPVisionConfig.from_dict(d["image_encoder"]),
-                   resolution=int(d.get("resolution", 512)), dtype=str(d.get("dtype", "float32")))
+                   resolution=int(d.get("resolution", 512)), dtype=str(d.get("dtype", "float32")),
+                   remat=bool(d.get("remat", False)), vae_init=str(d.get("vae_init", "random")))
 
 
 def json_ready(value):
@@ -147,6 +158,11 @@ class XNemo(nnx.Module):
         self.motion_encoder = motion_lib.MotionEncoder(config.motion_encoder, rngs=rngs, dtype=dt)
         self.vae = vae.AutoencoderKLTemporalDecoder(config.vae, rngs=rngs, dtype=dt)
         self.image_encoder = clip.CLIPVisionModelWithProjection(config.image_encoder, rngs=rngs, dtype=dt)
+        if config.vae_init == "zero_residual":
+            vae.zero_residual_(self.vae)
+        if config.remat:  # the UNets hold nearly all training activations (layers.set_remat)
+            layers.set_remat(self.denoiser)
+            layers.set_remat(self.reference_net)
 
 
 def abstract(config: XNemoConfig | str = "official", *, dtype=None) -> XNemo:

@@ -207,8 +207,9 @@ class XNemoTask:
         check_stage(self.stage)
         self.uses_motion, self.uses_temporal = stage_uses(self.stage)
         m = config.model
-        self.model_config = model_lib.XNemoConfig.preset(m.preset, dtype=m.dtype,
-                                                         resolution=int(config.data.resolution))
+        extra = {"vae_init": str(m.vae_init)} if m.get("vae_init") else {}
+        self.model_config = model_lib.XNemoConfig.preset(m.preset, dtype=m.dtype, remat=bool(m.get("remat", False)),
+                                                         resolution=int(config.data.resolution), **extra)
         self.num_frames = int(config.data.num_frames)
         if self.num_frames > 1 and not self.uses_temporal:
             raise ValueError(f"stage {self.stage!r} trains on single frames: set data.num_frames=1 "

@@ -261,6 +261,7 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = layers.LayerNorm(dim, eps=1e-5, dtype=dtype)
         self.ff = FeedForward(dim, **kw)
         self.tap_key = ""
+        self.remat = False  # recompute the block's activations in the backward pass (layers.set_remat)
 
     def __call__(self, x: jax.Array, context: jax.Array | None, *, bank: Sequence[jax.Array] | None = None,
                  collect: dict | None = None, bank_mask: jax.Array | None = None) -> jax.Array:
@@ -270,13 +271,22 @@ class BasicTransformerBlock(nnx.Module):
         values; ``collect``: a dict that receives ``norm1(x)`` under :attr:`tap_key`; ``bank_mask``
         ``(B,)`` bool: which examples see the bank (the others get plain self-attention).
         """
-        h = self.norm1(x)
+        if self.only_cross_attention and bank:
+            raise ValueError(f"{self.tap_key}: a reference bank needs self-attention in attn1 "
+                             "(only_cross_attention is set)")
+        bank = list(bank) if bank else None
+        if self.remat:
+            out, h = layers.checkpointed(self, type(self)._forward, x, context, bank, bank_mask)
+        else:
+            out, h = self._forward(x, context, bank, bank_mask)
         if collect is not None:
             collect[self.tap_key] = h
+        return out
+
+    def _forward(self, x, context, bank, bank_mask) -> tuple[jax.Array, jax.Array]:
+        """(block output, ``norm1(x)``: the reference-bank tap)."""
+        h = self.norm1(x)
         if self.only_cross_attention:
-            if bank:
-                raise ValueError(f"{self.tap_key}: a reference bank needs self-attention in attn1 "
-                                 "(only_cross_attention is set)")
             kv = context
         elif bank:
             kv = jnp.concatenate([h, *[b.astype(h.dtype) for b in bank]], axis=1)
@@ -289,7 +299,7 @@ class BasicTransformerBlock(nnx.Module):
             valid = jnp.concatenate([jnp.ones((n, h.shape[1]), bool), read], axis=1)
         x = self.attn1(h, kv, mask=valid) + x
         x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        return self.ff(self.norm3(x)) + x, h
 
 
 class Transformer2DModel(nnx.Module):
