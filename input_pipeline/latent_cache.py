@@ -34,11 +34,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from collections.abc import Mapping
 
 import numpy as np
 
+from input_pipeline import schema
 from input_pipeline.errors import UserError
 
 LATENTS_DIR = "latents"
@@ -71,41 +71,13 @@ def fix_hint(directory: str) -> str:
 # ------------------------------------------------------------------------------------------- records
 def serialize(clip_id: str, frame: int, num_frames: int, moments: np.ndarray, clip_embed: np.ndarray) -> bytes:
     """One frame's record: its clip, its index in the clip, moments (h, w, 2C), CLIP embedding (D,)."""
-    specs, payload = [], []
-    for name, arr in (("moments", moments), ("clip_embed", clip_embed)):
-        arr = np.asarray(arr)
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-        data = arr.tobytes()
-        specs.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape), "nbytes": len(data)})
-        payload.append(data)
-    head = json.dumps({"version": CACHE_VERSION, "clip_id": clip_id, "frame": int(frame),
-                       "num_frames": int(num_frames), "arrays": specs}, separators=(",", ":")).encode()
-    return b"".join([MAGIC, struct.pack("<I", len(head)), head, *payload])
+    header = {"version": CACHE_VERSION, "clip_id": clip_id, "frame": int(frame), "num_frames": int(num_frames)}
+    return schema.pack(MAGIC, header, (), {"moments": moments, "clip_embed": clip_embed})
 
 
 def deserialize(data: bytes) -> tuple[dict, np.ndarray, np.ndarray]:
     """``(header, moments, clip_embed)`` of a record written by :func:`serialize` (ValueError if bad)."""
-    data = memoryview(data)
-    if bytes(data[:len(MAGIC)]) != MAGIC:
-        raise ValueError("not a portrait-jax latent record (bad magic bytes)")
-    try:
-        (head_len,) = struct.unpack_from("<I", data, len(MAGIC))
-        pos = len(MAGIC) + 4
-        header = json.loads(bytes(data[pos:pos + head_len]))
-        pos += head_len
-        if header.get("version") != CACHE_VERSION:
-            raise ValueError(f"unsupported latent record version {header.get('version')}")
-        arrays = {}
-        for spec in header["arrays"]:
-            raw = data[pos:pos + spec["nbytes"]]
-            if len(raw) != spec["nbytes"]:
-                raise ValueError("latent record is truncated")
-            arrays[spec["name"]] = np.frombuffer(raw, np.dtype(spec["dtype"])).reshape(spec["shape"])
-            pos += spec["nbytes"]
-    except (KeyError, TypeError, struct.error, json.JSONDecodeError) as e:
-        raise ValueError(f"corrupt latent record header: {e}") from e
-    if pos != len(data):
-        raise ValueError(f"latent record has {len(data) - pos} trailing bytes")
+    header, _, arrays = schema.unpack(data, MAGIC, CACHE_VERSION, name="latent record", error=ValueError)
     return header, arrays["moments"], arrays["clip_embed"]
 
 

@@ -88,56 +88,65 @@ class ClipRecord:
                    image_format=image_format, meta=dict(meta or {}), arrays=dict(arrays or {}))
 
 
-def serialize(record: ClipRecord) -> bytes:
-    """Encodes a record as bytes (see the module docstring for the layout)."""
-    arrays = {"boxes": record.boxes, **{k: np.asarray(v) for k, v in record.arrays.items()}}
-    array_specs, array_bytes = [], []
+def pack(magic: bytes, header: dict, blobs, arrays) -> bytes:
+    """``magic | uint32 LE header length | JSON header | blobs | arrays``: the framing of this module's clip
+    records and of :mod:`input_pipeline.latent_cache`'s frame records. ``header`` gets an ``arrays`` list
+    (name, dtype, shape, byte length of every array, stored raw and little-endian in that order)."""
+    specs, array_bytes = [], []
     for name, arr in arrays.items():
+        arr = np.asarray(arr)
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
         data = arr.tobytes()
-        array_specs.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape), "nbytes": len(data)})
+        specs.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape), "nbytes": len(data)})
         array_bytes.append(data)
-    header = {
-        "version": SCHEMA_VERSION,
-        "fps": float(record.fps),
-        "height": int(record.height),
-        "width": int(record.width),
-        "image_format": record.image_format,
-        "frame_nbytes": [len(f) for f in record.frames],
-        "arrays": array_specs,
-        "meta": record.meta,
-    }
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([MAGIC, struct.pack("<I", len(head)), head, *record.frames, *array_bytes])
+    head = json.dumps({**header, "arrays": specs}, separators=(",", ":")).encode()
+    return b"".join([magic, struct.pack("<I", len(head)), head, *blobs, *array_bytes])
 
 
-def deserialize(data: bytes) -> ClipRecord:
-    """Decodes bytes written by :func:`serialize` (frames stay encoded until asked for)."""
+def unpack(data: bytes, magic: bytes, version: int, *, name: str, blob_sizes: str | None = None,
+           error: type[Exception] = SchemaError) -> tuple[dict, list[bytes], dict[str, np.ndarray]]:
+    """``(header, blobs, arrays)`` of bytes written by :func:`pack`; ``blob_sizes`` names the header list of
+    the blobs' byte lengths (None: no blobs). Anything malformed raises ``error`` naming the ``name``."""
     data = memoryview(data)
-    if bytes(data[:len(MAGIC)]) != MAGIC:
-        raise SchemaError("not a portrait-jax clip record (bad magic bytes)")
+    if bytes(data[:len(magic)]) != magic:
+        raise error(f"not a portrait-jax {name} (bad magic bytes)")
     try:
-        (head_len,) = struct.unpack_from("<I", data, len(MAGIC))
-        pos = len(MAGIC) + 4
+        (head_len,) = struct.unpack_from("<I", data, len(magic))
+        pos = len(magic) + 4
         header = json.loads(bytes(data[pos:pos + head_len]))
         pos += head_len
-        if header.get("version") != SCHEMA_VERSION:
-            raise SchemaError(f"unsupported record version {header.get('version')}")
-        frames = []
-        for n in header["frame_nbytes"]:
-            frames.append(bytes(data[pos:pos + n]))
+        if header.get("version") != version:
+            raise error(f"unsupported {name} version {header.get('version')}")
+        blobs = []
+        for n in header[blob_sizes] if blob_sizes else ():
+            blobs.append(bytes(data[pos:pos + n]))
             pos += n
         arrays = {}
         for spec in header["arrays"]:
             raw = data[pos:pos + spec["nbytes"]]
             if len(raw) != spec["nbytes"]:
-                raise SchemaError("record is truncated")
+                raise error(f"{name} is truncated")
             arrays[spec["name"]] = np.frombuffer(raw, np.dtype(spec["dtype"])).reshape(spec["shape"]).copy()
             pos += spec["nbytes"]
     except (KeyError, TypeError, struct.error, json.JSONDecodeError) as e:
-        raise SchemaError(f"corrupt record header: {e}") from e
+        raise error(f"corrupt {name} header: {e}") from e
     if pos != len(data):
-        raise SchemaError(f"record has {len(data) - pos} trailing bytes")
+        raise error(f"{name} has {len(data) - pos} trailing bytes")
+    return header, blobs, arrays
+
+
+def serialize(record: ClipRecord) -> bytes:
+    """Encodes a record as bytes (see the module docstring for the layout)."""
+    header = {"version": SCHEMA_VERSION, "fps": float(record.fps), "height": int(record.height),
+              "width": int(record.width), "image_format": record.image_format,
+              "frame_nbytes": [len(f) for f in record.frames], "meta": record.meta}
+    arrays = {"boxes": record.boxes, **{k: np.asarray(v) for k, v in record.arrays.items()}}
+    return pack(MAGIC, header, record.frames, arrays)
+
+
+def deserialize(data: bytes) -> ClipRecord:
+    """Decodes bytes written by :func:`serialize` (frames stay encoded until asked for)."""
+    header, frames, arrays = unpack(data, MAGIC, SCHEMA_VERSION, name="clip record", blob_sizes="frame_nbytes")
     boxes = arrays.pop("boxes")
     return ClipRecord(frames=frames, fps=header["fps"], boxes=boxes, height=header["height"],
                       width=header["width"], image_format=header["image_format"], meta=header["meta"],
