@@ -1,6 +1,9 @@
 """xnemo_jax.gan_head: the X-NeMo dual GAN head (tiny preset on the CPU; the official one shape-only).
 
-* the tiny generator's output shape/dtype/range, and that it depends on both f_app and f_mot;
+* the tiny generator's output shape/dtype/range, and that it depends on both f_app and f_mot (the module
+  fixture draws the mapping's f_mot weights like the rest: ``motion_zero_init=False``, a trained head);
+* the default head starts with zero f_mot weights: its output ignores the motion code and no gradient
+  reaches the code, while the zero weights themselves get one (the code enters gradually);
 * gradients of the generator loss reach f_mot, the appearance ResNet, app_proj, the mapping and the
   synthesis, with the ResNet's BatchNorm in training mode (running statistics returned functionally),
   and never reach the target image or the real discriminator features (stop-gradient);
@@ -30,7 +33,7 @@ B = 2
 
 @pytest.fixture(scope="module")
 def head():
-    return GanHead(GanHeadConfig.preset("tiny"), rngs=nnx.Rngs(0))
+    return GanHead(GanHeadConfig.preset("tiny", motion_zero_init=False), rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +75,24 @@ def test_tiny_output_shape_dtype_and_range(head, batch):
     np.testing.assert_array_equal(np.asarray(tokens), out)
     with pytest.raises(ValueError, match=r"f_mot must be \(B, 512\)"):
         head.generator(batch["reference"], batch["f_mot"][:, :100])
+
+
+def test_default_head_starts_blind_to_the_motion_code(batch):
+    generator = GanHead(GanHeadConfig.preset("tiny"), rngs=nnx.Rngs(0)).generator
+    app_dim = generator.config.app_dim
+    first = generator.mapping.layers[0].weight.get_value()
+    assert float(jnp.abs(first[app_dim:]).max()) == 0 and float(jnp.abs(first[:app_dim]).min()) > 0
+    graphdef, params, rest = nnx.split(generator, nnx.Param, ...)
+
+    def l1(params, f_mot):
+        fake = nnx.merge(graphdef, params, rest, copy=True)(batch["reference"], f_mot, train=False)
+        return jnp.mean(jnp.abs(fake - batch["target"])), fake
+
+    (_, out), (g_params, g_mot) = jax.value_and_grad(l1, argnums=(0, 1), has_aux=True)(params, batch["f_mot"])
+    (_, other), _ = jax.value_and_grad(l1, argnums=(0, 1), has_aux=True)(params, batch["f_mot"][::-1])
+    np.testing.assert_array_equal(np.asarray(other), np.asarray(out))
+    assert float(jnp.abs(g_mot).max()) == 0
+    assert float(jnp.abs(g_params["mapping"]["layers"][0]["weight"][...][app_dim:]).max()) > 0
 
 
 def test_generator_loss_gradients(head, batch, nets):

@@ -173,8 +173,9 @@ def test_eval_step_metrics_and_its_sampling_loop_equal_a_step_by_step_loop(batch
     state = task.init(jax.random.key(0))
     batch = batches[2]
     out, cols = jax.jit(lambda s, b: task.eval_step(s, {}, b))(state, batch)
-    assert set(out) == {"ldm_loss", "ldm_loss_shuffled_motion", "ldm_loss_shuffled_reference", "gan_l1",
-                        "gan_psnr", "gan_l1_copy_source", "sample_l1", "sample_psnr", "vae_l1", "l1_copy_source"}
+    assert set(out) == {"ldm_loss", "ldm_loss_shuffled_motion", "ldm_loss_shuffled_reference", "motion_spread",
+                        "gan_l1", "gan_psnr", "gan_l1_copy_source", "sample_l1", "sample_psnr", "vae_l1",
+                        "l1_copy_source"}
     for k, v in out.items():
         assert v.shape == (2,) and np.all(np.isfinite(np.asarray(v))), k
     np.testing.assert_array_equal(out["ldm_loss_shuffled_motion"], out["ldm_loss"])
@@ -184,6 +185,9 @@ def test_eval_step_metrics_and_its_sampling_loop_equal_a_step_by_step_loop(batch
     model = task._merge(state)
     lat, ref_lat, context = task._encode(model, batch, None, False)
     motion, ref_motion = task._motion(model, batch, train=False, rng=None)
+    # motion_spread: each example's RMS distance from the batch-mean motion tokens (0 = a collapsed code)
+    m = np.asarray(motion, np.float64).reshape(2, -1)
+    np.testing.assert_allclose(out["motion_spread"], np.sqrt(np.mean((m - m.mean(0)) ** 2, axis=1)), rtol=1e-4)
     noise = jax.random.normal(jax.random.key(0), lat.shape, jnp.float32)
     schedule = training.sampling.schedule_for(task.sample_steps)
     x = jax.vmap(lambda r, n: training.sampling.initial_latents(schedule, r, n))(ref_lat, noise)

@@ -16,7 +16,13 @@ design from that description, in the conventions of ``../shared/DESIGN.md``:
 * **Mapping** ``mapping``: ``concat[pixel_norm(f_app), pixel_norm(f_mot)]`` -> ``mlp_layers`` EqualLinear
   layers with fused leaky ReLU (StyleGAN's mapping network) -> the style ``w`` (``style_dim``). Each code
   is pixel-normalised on its own so that neither dominates the style by scale; there is no noise input
-  and no per-layer lr multiplier (4 layers, not StyleGAN's 8 with lr_mul 0.01).
+  and no per-layer lr multiplier (4 layers, not StyleGAN's 8 with lr_mul 0.01). The first layer's f_mot
+  rows start at zero (``motion_zero_init``, default on): the code enters the style only as the head learns
+  what to take from it. With them drawn like the rest, an untrained head treats the motion code as noise
+  and its gradient drives the motion encoder to a constant output. We measured this in the tiny Quickstart:
+  the ReLU after the encoder's 1-channel ``conv6`` went from 100 % to 0 % active by step 240, so the eval
+  motion codes were identical across examples (spread 6e-8) and shuffling them changed nothing. With zero
+  rows the code stays alive (``motion_spread`` 2.4 at step 240).
 * **Synthesis** ``synthesis``: StyleGAN2 (Karras et al. 2020, rosinality's layout): a learned constant
   4x4 input, ``conv1`` StyledConv + ``to_rgb1``, then per doubling up to ``resolution`` two StyledConvs
   (the first upsampling: transposed conv + blur) and a :class:`ToRGB` (modulated 1x1, no demodulation,
@@ -77,6 +83,9 @@ class GanHeadConfig(ModelConfig):
     motion_dim: int = 512          # f_mot (the motion encoder's 1-D code, flattened tokens)
     style_dim: int = 512
     mlp_layers: int = 4            # mapping: concat[f_app, f_mot] -> w
+    # the mapping's first layer starts with zero weights on f_mot (the motion code enters the head gradually;
+    # see MappingNetwork): False draws them like the rest
+    motion_zero_init: bool = True
     channel_multiplier: int = 2    # StyleGAN2 widths {4..32: 512, 64: 256 cm, 128: 128 cm, 256: 64 cm, ...}
     channel_scale: float = 1.0     # every synthesis width times this (tiny models)
     # DiscriminatorConfig, or a mapping of its fields (``resolution``/``dtype`` filled in); None: StyleGAN2's
@@ -178,6 +187,9 @@ class MappingNetwork(_Base):
         dims = [c.app_dim + c.motion_dim] + [c.style_dim] * c.mlp_layers
         self.layers = nnx.List([EqualLinear(a, b, activate=True, rngs=rngs, param_dtype=param_dtype)
                                 for a, b in zip(dims[:-1], dims[1:], strict=True)])
+        if c.motion_zero_init:
+            first = self.layers[0].weight
+            first.set_value(first.get_value().at[c.app_dim:].set(0.0))
 
     def __call__(self, f_app, f_mot):
         h = jnp.concatenate([pixel_norm(f_app), pixel_norm(f_mot)], axis=-1)

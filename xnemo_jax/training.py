@@ -46,11 +46,13 @@ generator's detached output. The head's generator and the discriminator have the
 **Eval** (:meth:`XNemoTask.eval_step`): the ε-MSE at fixed timesteps (spread over [50, 950] across the
 batch) and fixed noise (``ldm_loss``: comparable across steps), the same with the motion codes shuffled
 across the batch (``ldm_loss_shuffled_motion``: a model that uses motion does worse there) and with
-another example's reference (``ldm_loss_shuffled_reference``: the same test for the reference), and a
-reconstruction sampled with a few DDIM steps and CFG (``sample_l1`` / ``sample_psnr`` against the target
-frame, next to ``vae_l1``, the VAE's own reconstruction error, which bounds it); with the GAN head,
-``gan_l1`` / ``gan_psnr`` of its reconstruction of the target frames and ``gan_l1_copy_source`` (the
-reference itself as the prediction: the baseline a head that ignores motion reaches).
+another example's reference (``ldm_loss_shuffled_reference``: the same test for the reference),
+``motion_spread`` (:func:`motion_spread`, also a train metric: 0 means the motion encoder has collapsed to a
+constant code, which no shuffling can reveal), and a reconstruction sampled with a few DDIM steps and CFG
+(``sample_l1`` / ``sample_psnr`` against the target frame, next to ``vae_l1``, the VAE's own reconstruction
+error, which bounds it); with the GAN head, ``gan_l1`` / ``gan_psnr`` of its reconstruction of the target
+frames and ``gan_l1_copy_source`` (the reference itself as the prediction: the baseline a head that ignores
+motion reaches).
 """
 
 from __future__ import annotations
@@ -74,6 +76,14 @@ from xnemo_jax import vae as vae_lib
 
 STAGES = ("image", "motion", "temporal", "finetune", "all")
 FROZEN_NETWORKS = ("vae", "image_encoder")
+
+
+def motion_spread(motion: jax.Array) -> jax.Array:
+    """Per example: the RMS distance of its motion tokens ``(B, ...)`` from the batch's mean tokens. A motion
+    encoder whose output no longer depends on its input (a collapsed code: nothing for the denoiser to read)
+    gives 0."""
+    centred = motion - jnp.mean(motion, axis=0, keepdims=True)
+    return jnp.sqrt(jnp.mean(jnp.square(centred), axis=tuple(range(1, motion.ndim))))
 
 
 def to_float(images: jax.Array) -> jax.Array:
@@ -565,6 +575,8 @@ class XNemoTask:
             ldm = jnp.mean(weights * mse)
             aux["buffers"] = nnx.split(model, *self.filters)[3]
             aux["metrics"] = {"ldm_loss": ldm, "ldm_mse": jnp.mean(mse)}
+            if self.uses_motion:
+                aux["metrics"]["motion_spread"] = jnp.mean(motion_spread(cond_motion))
             total = ldm
             if self.use_gan:
                 gan, terms, fake, target, aux["gan_buffers"] = self._gan_losses(
@@ -614,6 +626,7 @@ class XNemoTask:
         if self.uses_motion:
             out["ldm_loss_shuffled_motion"] = per_example(self._eps(model, noisy, t, context, bank, roll(motion),
                                                                     cond))
+            out["motion_spread"] = motion_spread(motion)
         # another example's reference (latent, bank and CLIP embedding): a model that uses it must do worse
         out["ldm_loss_shuffled_reference"] = per_example(self._eps(model, noisy, t, roll(context), roll(bank),
                                                                    motion, cond))
