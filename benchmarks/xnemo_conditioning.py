@@ -1,7 +1,8 @@
 r"""Does the tiny X-NeMo learn to use its conditioning? Per-timestep eval ε-MSE and the shuffled gaps over training.
 
     python benchmarks/xnemo_conditioning.py [--steps=400] [--every=100] [--lr=1e-3] [--batch-size=4] \
-        [--oracle] [--vae-init=random|zero_residual] [--json=benchmarks/results/xnemo_conditioning.json]
+        [--oracle] [--vae-init=random|zero_residual] [--fps=25] [--gan] \
+        [--json=benchmarks/results/xnemo_conditioning.json]
 
 Trains the tiny config's diffusion networks (``configs/xnemo.py``, stage ``all``, the GAN head off: it does
 not feed the denoiser) with :meth:`xnemo_jax.training.XNemoTask.train_step` on the built-in synthetic heads,
@@ -12,9 +13,11 @@ across the batch. A model that reads a conditioning input must get worse (a posi
 
 Probes: ``--oracle`` makes every reference the first target frame itself (training and eval): the bank then
 holds the exact answer, so this measures how soon the denoiser can learn to read its bank at all.
-``--vae-init=random`` starts the frozen random VAE from the plain draw instead of the tiny config's
-``zero_residual`` (``xnemo_jax.vae.zero_residual_``); ``latent_stats`` in the output says how informative the
-reference is in latent space (MSE of a target latent to its own reference, another clip's, the batch mean).
+``--fps`` renders the synthetic motion at another frame rate (larger motion between a clip's frames);
+``--gan`` trains the GAN head too, as the Quickstart does. ``--vae-init=random`` starts the frozen random
+VAE from the plain draw instead of the tiny config's ``zero_residual`` (``xnemo_jax.vae.zero_residual_``);
+``latent_stats`` in the output says how informative the reference is in latent space (MSE of a target latent
+to its own reference, another clip's, the batch mean).
 
 Measured (2 CPU cores, jax 0.10.2, lr 1e-3, batch 4, 800 steps, 17 min; gaps at t = 50/350/650/950):
 step 400: shuffled reference +1.3e-3/+1.2e-4/+5e-5/-5e-5, shuffled motion -3e-5/+7e-5/-1e-5/0; step 800:
@@ -39,7 +42,7 @@ TIMESTEPS = (50, 350, 650, 950)
 
 
 def run(steps: int, every: int, lr: float, batch_size: int, oracle: bool, vae_init: str | None = None,
-        seed: int = 0, log=print) -> dict:
+        seed: int = 0, fps: float | None = None, gan: bool = False, log=print) -> dict:
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -51,7 +54,10 @@ def run(steps: int, every: int, lr: float, batch_size: int, oracle: bool, vae_in
     from xnemo_jax import training  # noqa: PLC0415
 
     config = xnemo_config.get_config("tiny")
-    config.loss.gan = 0.0
+    if not gan:
+        config.loss.gan = 0.0
+    if fps:
+        config.data.synthetic_fps = fps
     config.optim.lr = lr
     config.batch_size = batch_size
     config.seed = seed
@@ -63,12 +69,13 @@ def run(steps: int, every: int, lr: float, batch_size: int, oracle: bool, vae_in
     kw = dict(resolution=d.resolution, num_frames=d.num_frames, motion_size=task.motion_size,
               clip_size=task.clip_size)
     src = pipeline.open_source(None, "train", synthetic_clips=d.synthetic_clips, synthetic_frames=d.synthetic_frames,
-                               synthetic_size=d.resolution, seed=seed)
+                               synthetic_size=d.resolution, synthetic_fps=d.synthetic_fps, seed=seed)
     aug = augment.AugmentConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
                                    for k, v in dict(config.augment).items()})
     ds = pipeline.xnemo_dataset(src, batch_size=batch_size, augment=aug, seed=seed, **kw)
     eval_src = pipeline.open_source(None, "eval", synthetic_clips=d.synthetic_eval_clips,
-                                    synthetic_frames=d.synthetic_frames, synthetic_size=d.resolution, seed=seed)
+                                    synthetic_frames=d.synthetic_frames, synthetic_size=d.resolution,
+                                    synthetic_fps=d.synthetic_fps, seed=seed)
     eval_batches = pipeline.xnemo_eval_batches(eval_src, batch_size=8, num_batches=2, **kw)
 
     def prepare(batch):
@@ -131,6 +138,9 @@ def main():
     p.add_argument("--oracle", action="store_true", help="every reference is the first target frame itself")
     p.add_argument("--vae-init", choices=("random", "zero_residual"), default=None,
                    help="how the frozen random VAE starts (default: the tiny config's, zero_residual)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="frame rate of the synthetic motion (default: the tiny config's data.synthetic_fps)")
+    p.add_argument("--gan", action="store_true", help="train the GAN head too (as the Quickstart does)")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "xnemo_conditioning.json"))
     args = p.parse_args()
     if args.steps < 0 or args.every < 1 or args.batch_size < 1:
@@ -138,7 +148,8 @@ def main():
     import jax  # noqa: PLC0415
 
     print("ε-MSE and gaps at t = " + "/".join(map(str, TIMESTEPS)))
-    r = run(args.steps, args.every, args.lr, args.batch_size, args.oracle, args.vae_init, args.seed)
+    r = run(args.steps, args.every, args.lr, args.batch_size, args.oracle, args.vae_init, args.seed, args.fps,
+            args.gan)
     print("latent MSE (own reference / other reference / batch mean): "
           + "/".join(f"{v:.4f}" for v in r["latent_stats"].values()))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -38,6 +38,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         synthetic_clips=512,     # size of the synthetic training set (eval uses other identities)
         synthetic_eval_clips=16,
         synthetic_frames=32,
+        synthetic_fps=25.0,      # frame rate of the synthetic motion (lower: larger motion between frames)
     ))
 
     c.batch_size = 8 if variant == "tiny" else 32

@@ -48,6 +48,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         synthetic_clips=512,
         synthetic_eval_clips=16,
         synthetic_frames=32,
+        synthetic_fps=25.0,      # frame rate of the synthetic motion (lower: larger motion within a clip)
         # a prepared dataset's latent cache (launch/prepare_data.py --cache-latents=CKPT): the frozen VAE
         # moments and CLIP embedding per frame; used when present (False: encode online anyway)
         use_latent_cache=True,

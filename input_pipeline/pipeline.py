@@ -102,8 +102,8 @@ class SyntheticClipSource(grain.sources.RandomAccessDataSource):
         return SyntheticClip(seed=seed, num_frames=self.num_frames, size=self.size, fps=self.fps)
 
     def __repr__(self) -> str:
-        return (f"SyntheticClipSource({self.num_clips} clips x {self.num_frames} frames, {self.size}px, "
-                f"seed {self.seed})")
+        return (f"SyntheticClipSource({self.num_clips} clips x {self.num_frames} frames at {self.fps:g} fps, "
+                f"{self.size}px, seed {self.seed})")
 
 
 def take_frames(clip, indices) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -125,7 +125,8 @@ class EmptySplitError(UserError):
 
 
 def open_source(path: str | None, split: str = "train", *, synthetic_clips: int = 256,
-                synthetic_frames: int = 32, synthetic_size: int = 256, seed: int = 0, latents: bool = False):
+                synthetic_frames: int = 32, synthetic_size: int = 256, synthetic_fps: float = 25.0, seed: int = 0,
+                latents: bool = False):
     """Opens a clip source: a prepared ArrayRecord dir, a TFDS data dir, or (empty path) synthetic data.
 
     Synthetic data uses disjoint seeds for the ``train`` and ``eval`` splits (held-out identities). With
@@ -137,7 +138,8 @@ def open_source(path: str | None, split: str = "train", *, synthetic_clips: int 
         split_seed = {"train": seed, "eval": seed + 1_000_003}.get(split)
         if split_seed is None:
             raise UserError(f"unknown split {split!r} for synthetic data (use train or eval)")
-        return SyntheticClipSource(synthetic_clips, synthetic_frames, synthetic_size, seed=split_seed)
+        return SyntheticClipSource(synthetic_clips, synthetic_frames, synthetic_size, seed=split_seed,
+                                   fps=synthetic_fps)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise UserError("data path is not a folder", path)

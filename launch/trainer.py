@@ -126,6 +126,7 @@ def _make_data(config, per_process: int, with_eval: bool, task=None, latents: bo
     d = config.data
     train_source = pipeline.open_source(d.path, "train", synthetic_clips=d.synthetic_clips,
                                         synthetic_frames=d.synthetic_frames, synthetic_size=d.resolution,
+                                        synthetic_fps=d.synthetic_fps,
                                         seed=config.seed, latents=latents)
     xnemo = config.get("model_name") == "xnemo"
     if xnemo:  # reference + target frames + motion crops (xnemo_jax/training.py)
@@ -149,6 +150,7 @@ def _make_data(config, per_process: int, with_eval: bool, task=None, latents: bo
     try:
         eval_source = pipeline.open_source(d.path, "eval", synthetic_clips=d.synthetic_eval_clips,
                                            synthetic_frames=d.synthetic_frames, synthetic_size=d.resolution,
+                                           synthetic_fps=d.synthetic_fps,
                                            seed=config.seed, latents=latents)
     except pipeline.EmptySplitError as err:
         raise UserError("the 'eval' split of this dataset is empty: re-prepare it with launch/prepare_data.py "

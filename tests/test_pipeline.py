@@ -140,3 +140,20 @@ def test_open_source_errors(tmp_path):
     train = pipeline.open_source("", "train", synthetic_clips=4, synthetic_frames=4, synthetic_size=32)
     held_out = pipeline.open_source("", "eval", synthetic_clips=4, synthetic_frames=4, synthetic_size=32)
     assert train[0].seed != held_out[0].seed
+
+
+def test_synthetic_fps_sets_the_motion_frame_rate():
+    """``synthetic_fps`` (config ``data.synthetic_fps``) renders the clips' motion at that frame rate: frame k
+    shows the trajectory at time k / fps, so a lower rate spans more of it in the same frames."""
+    from input_pipeline import synthetic
+
+    slow = pipeline.open_source("", "train", synthetic_clips=2, synthetic_frames=4, synthetic_size=32,
+                                synthetic_fps=5.0)
+    clip = slow[1]
+    assert clip.fps == 5.0 and "5 fps" in repr(slow)
+    _, motion_seed = synthetic.derive_seeds(clip.seed)
+    expected = synthetic.sample_motion(motion_seed, 4, fps=5.0)
+    np.testing.assert_array_equal(pipeline.take_frames(clip, [0, 3])[2]["motion"], expected[[0, 3]])
+    default = pipeline.open_source("", "train", synthetic_clips=2, synthetic_frames=4, synthetic_size=32)[1]
+    assert default.seed == clip.seed and default.fps == 25.0
+    assert not np.allclose(synthetic.sample_motion(motion_seed, 4, fps=25.0)[3], expected[3])
