@@ -71,7 +71,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     ))
     # The dual GAN head (xnemo_jax/gan_head.py; trained in the motion, finetune and all stages): its preset
     # (tiny: 32², official: 256² with a ResNet-50 appearance encoder) and any GanHeadConfig field.
-    c.gan_head = ml_collections.ConfigDict(dict(preset=variant))
+    # motion_zero_init: the head's mapping starts with zero weights on the motion code (False: drawn like the
+    # rest, which lets the untrained head collapse the motion encoder to a constant; xnemo_jax/gan_head.py)
+    c.gan_head = ml_collections.ConfigDict(dict(preset=variant, motion_zero_init=True))
     # Total loss = L_ldm (Min-SNR weighted) + gan * L_gan; L_gan = adv L_adv + l1 L1 + vgg L_VGG19 +
     # vggface L_VGGFace + fm L_FM with the paper's weights. gan = 0 turns the head off (the paper's
     # "w/o GAN head" ablation). The VGG19 / VGGFace2 terms need converted weights (launch/convert.py vgg19 /
