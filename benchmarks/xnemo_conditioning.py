@@ -56,7 +56,7 @@ def run(steps: int, every: int, lr: float, batch_size: int, oracle: bool, vae_in
     config = xnemo_config.get_config("tiny")
     if not gan:
         config.loss.gan = 0.0
-    if fps:
+    if fps is not None:
         config.data.synthetic_fps = fps
     config.optim.lr = lr
     config.batch_size = batch_size
@@ -145,6 +145,8 @@ def main():
     args = p.parse_args()
     if args.steps < 0 or args.every < 1 or args.batch_size < 1:
         sys.exit("xnemo_conditioning: --steps must be >= 0, --every and --batch-size >= 1")
+    if args.fps is not None and args.fps <= 0:
+        sys.exit("xnemo_conditioning: --fps must be > 0")
     import jax  # noqa: PLC0415
 
     print("ε-MSE and gaps at t = " + "/".join(map(str, TIMESTEPS)))
